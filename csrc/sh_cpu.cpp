@@ -1,0 +1,479 @@
+// CPU kernels: OpenMP over points (or rows), loops over m vectorised by the compiler.
+#include <algorithm>
+#include <cmath>
+#include <complex>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+#include "sh_math.h"
+#include "tables.h"
+
+namespace locdiff {
+namespace cpu {
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+namespace {
+
+// Rolling rows of Pbar_lm for one colatitude, advanced degree by degree ("l-outer"): each step is
+// a loop over m that the compiler vectorises, and the row of outputs for degree l is contiguous.
+class LegendreRows {
+ public:
+  LegendreRows(const SHTables& t, int L) : t_(t), L_(L), buf_(3 * (size_t)(L + 2), 0.0) {}
+
+  // Start at degree 0 for cos(theta) = x, sin(theta) = u.
+  void reset(double x, double u) {
+    std::fill(buf_.begin(), buf_.end(), 0.0);
+    x_ = x;
+    u_ = u;
+    prev2_ = buf_.data();
+    prev1_ = buf_.data() + (L_ + 2);
+    cur_ = buf_.data() + 2 * (L_ + 2);
+    cur_[0] = kY00;
+    l_ = 0;
+  }
+
+  // Advance to degree l+1; returns the row Pbar_{l+1, 0..l+1}.
+  const double* next() {
+    double* nxt = prev2_;
+    const int l = ++l_;
+    const double* a = t_.a + tri(l, 0);
+    const double* b = t_.b + tri(l, 0);
+    const double* p1 = cur_;    // degree l-1
+    const double* p2 = prev1_;  // degree l-2 (zero beyond its last order)
+    const double x = x_;
+#pragma omp simd
+    for (int m = 0; m < l; ++m) nxt[m] = a[m] * (x * p1[m] - b[m] * p2[m]);
+    nxt[l] = t_.sect[l] * u_ * p1[l - 1];
+    prev2_ = prev1_;
+    prev1_ = cur_;
+    cur_ = nxt;
+    return cur_;
+  }
+  const double* row() const { return cur_; }
+
+ private:
+  SHTables t_;
+  int L_;
+  std::vector<double> buf_;
+  double *prev2_ = nullptr, *prev1_ = nullptr, *cur_ = nullptr;
+  double x_ = 1.0, u_ = 0.0;
+  int l_ = 0;
+};
+
+// sqrt(2) cos(m phi), sqrt(2) sin(m phi) for m = 0..L (entry 0: 1, 0) by complex rotation
+// (error grows ~ m eps, 1e-13 at m = 1000).
+void trig_table(double phi, int L, double* c, double* s) {
+  const double c1 = std::cos(phi), s1 = std::sin(phi);
+  double cm = 1.0, sm = 0.0;
+  c[0] = 1.0;
+  s[0] = 0.0;
+  for (int m = 1; m <= L; ++m) {
+    const double cn = cm * c1 - sm * s1;
+    const double sn = sm * c1 + cm * s1;
+    cm = cn;
+    sm = sn;
+    // Re-anchor every 64 orders to keep the rotation error from accumulating at very high m.
+    if ((m & 63) == 0) {
+      cm = std::cos(m * phi);
+      sm = std::sin(m * phi);
+    }
+    c[m] = kSqrt2 * cm;
+    s[m] = kSqrt2 * sm;
+  }
+}
+
+// In-place radix-2 complex FFT of power-of-two size with e^{+2 pi i m k / n} (an inverse DFT
+// without the 1/n factor).
+class FFT {
+ public:
+  explicit FFT(int n) : n_(n), tw_(n / 2), rev_(n) {
+    int bits = 0;
+    while ((1 << bits) < n) ++bits;
+    for (int i = 0; i < n; ++i) {
+      int r = 0;
+      for (int k = 0; k < bits; ++k)
+        if (i & (1 << k)) r |= 1 << (bits - 1 - k);
+      rev_[i] = r;
+    }
+    for (int i = 0; i < n / 2; ++i) tw_[i] = std::polar(1.0, 2.0 * kPi * i / n);
+  }
+  void run(std::complex<double>* a) const {
+    for (int i = 0; i < n_; ++i)
+      if (i < rev_[i]) std::swap(a[i], a[rev_[i]]);
+    for (int len = 2; len <= n_; len <<= 1) {
+      const int half = len / 2, step = n_ / len;
+      for (int i = 0; i < n_; i += len)
+        for (int j = 0; j < half; ++j) {
+          const std::complex<double> w = tw_[j * step] * a[i + j + half];
+          a[i + j + half] = a[i + j] - w;
+          a[i + j] += w;
+        }
+    }
+  }
+
+ private:
+  int n_;
+  std::vector<std::complex<double>> tw_;
+  std::vector<int> rev_;
+};
+
+bool is_pow2(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+// Legendre stage of the separable synthesis for `rows` coefficient rows at one ring:
+// gc[r][m] = sum_l c[r][l,m] Pbar_lm, gs[r][m] = sum_l c[r][l,-m] Pbar_lm.
+template <typename T>
+void ring_legendre(LegendreRows& leg, double theta, const T* coeffs, int64_t rows, int64_t K, int L,
+                   double* gc, double* gs) {
+  leg.reset(std::cos(theta), std::sin(theta));
+  const int M = L + 1;
+  std::fill(gc, gc + rows * M, 0.0);
+  std::fill(gs, gs + rows * M, 0.0);
+  for (int64_t r = 0; r < rows; ++r) gc[r * M] = (double)coeffs[r * K] * kY00;
+  for (int l = 1; l <= L; ++l) {
+    const double* p = leg.next();
+    const int64_t base = (int64_t)l * l + l;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* c = coeffs + r * K + base;
+      double* gcr = gc + r * M;
+      double* gsr = gs + r * M;
+#pragma omp simd
+      for (int m = 0; m <= l; ++m) {
+        gcr[m] += (double)c[m] * p[m];
+        gsr[m] += (double)c[-m] * p[m];
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) gs[r * M] = 0.0;
+}
+
+// Fourier stage by direct summation: f[k] = gc0 + sum_m gc_m sqrt2 cos(m phi_k) + gs_m sqrt2 sin(m phi_k).
+// ctab/stab: [L+1][nlon] tables of sqrt2 cos / sqrt2 sin (row 0 = 1, 0).
+void ring_fourier_direct(const double* gc, const double* gs, int L, int nlon, const double* ctab,
+                         const double* stab, double* f) {
+  for (int k = 0; k < nlon; ++k) f[k] = gc[0];
+  for (int m = 1; m <= L; ++m) {
+    const double a = gc[m], b = gs[m];
+    const double* cr = ctab + (size_t)m * nlon;
+    const double* sr = stab + (size_t)m * nlon;
+#pragma omp simd
+    for (int k = 0; k < nlon; ++k) f[k] += a * cr[k] + b * sr[k];
+  }
+}
+
+// Ring longitudes phi_k = -pi + (k + 1/2) 2 pi / nlon (cell centres); colatitudes likewise.
+inline double ring_phi(int k, int nlon) { return -kPi + (k + 0.5) * 2.0 * kPi / nlon; }
+inline double ring_theta(int j, int nlat) { return (j + 0.5) * kPi / nlat; }
+
+void fourier_tables(int L, int nlon, std::vector<double>& ctab, std::vector<double>& stab) {
+  ctab.assign((size_t)(L + 1) * nlon, 0.0);
+  stab.assign((size_t)(L + 1) * nlon, 0.0);
+  std::vector<double> c(L + 1), s(L + 1);
+  for (int k = 0; k < nlon; ++k) {
+    trig_table(ring_phi(k, nlon), L, c.data(), s.data());
+    for (int m = 0; m <= L; ++m) {
+      ctab[(size_t)m * nlon + k] = c[m];
+      stab[(size_t)m * nlon + k] = s[m];
+    }
+  }
+}
+
+// Fourier stage by FFT (nlon a power of two > L): f_k = Re sum_m z_m e^{i m phi_k}.
+void ring_fourier_fft(const double* gc, const double* gs, int L, int nlon, const FFT& fft,
+                      const std::complex<double>* shift, std::complex<double>* work, double* f) {
+  std::fill(work, work + nlon, std::complex<double>(0.0, 0.0));
+  work[0] = gc[0];
+  for (int m = 1; m <= L; ++m) work[m] = kSqrt2 * std::complex<double>(gc[m], -gs[m]) * shift[m];
+  fft.run(work);
+  for (int k = 0; k < nlon; ++k) f[k] = work[k].real();
+}
+
+}  // namespace
+
+template <typename T>
+void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
+  const auto tables = host_tables(L);
+  const SHTables t = tables->view();
+  const int64_t K = (int64_t)(L + 1) * (L + 1);
+  std::vector<double> w(L + 1, 1.0);
+  if (weights)
+    for (int l = 0; l <= L; ++l) w[l] = (double)weights[l];
+#pragma omp parallel
+  {
+    LegendreRows leg(t, L);
+    std::vector<double> c(L + 1), s(L + 1);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      double theta, phi;
+      latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
+      trig_table(phi, L, c.data(), s.data());
+      leg.reset(std::cos(theta), std::sin(theta));
+      T* o = out + i * K;
+      o[0] = (T)(kY00 * w[0]);
+      for (int l = 1; l <= L; ++l) {
+        const double* p = leg.next();
+        const double wl = w[l];
+        T* ol = o + (int64_t)l * l + l;
+        ol[0] = (T)(p[0] * wl);
+#pragma omp simd
+        for (int m = 1; m <= l; ++m) {
+          const double pw = p[m] * wl;
+          ol[m] = (T)(pw * c[m]);
+          ol[-m] = (T)(pw * s[m]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64_t n, int L,
+                       const T* weights) {
+  const auto tables = host_tables(L);
+  const SHTables t = tables->view();
+  const int64_t K = (int64_t)(L + 1) * (L + 1);
+  std::vector<double> w(L + 1, 1.0);
+  if (weights)
+    for (int l = 0; l <= L; ++l) w[l] = (double)weights[l];
+  std::vector<int> degree_of(K);
+  for (int l = 0; l <= L; ++l)
+    for (int m = -l; m <= l; ++m) degree_of[(int64_t)l * l + l + m] = l;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    double theta, phi;
+    latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
+    const T* g = grad_out + i * K;
+    // The gradient of sum_k g_k w_l(k) Y_k(x) w.r.t. x is the gradient of the function with
+    // coefficients g_k w_l(k): one derivative evaluation, never the [N, 2, K] Jacobian.
+    auto coeff = [&](int64_t k) { return (double)g[k] * w[degree_of[k]]; };
+    Derivs d;
+    eval_derivs(coeff, L, t, theta, phi, 0, 1, 1, &d);
+    // d/dlat = -d/dtheta * pi/180 ; d/dlon = d/dphi * pi/180
+    grad_coords[2 * i] = (T)(-d.ft * kDegToRad);
+    grad_coords[2 * i + 1] = (T)(d.fp * kDegToRad);
+  }
+}
+
+template <typename T>
+void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int nlon) {
+  const auto tables = host_tables(L);
+  const SHTables t = tables->view();
+  const int64_t K = (int64_t)(L + 1) * (L + 1);
+  const int M = L + 1;
+  const bool use_fft = is_pow2(nlon) && nlon > L && nlon >= 64;
+  std::vector<double> ctab, stab;
+  if (!use_fft) fourier_tables(L, nlon, ctab, stab);
+  std::vector<std::complex<double>> shift(M);
+  for (int m = 0; m <= L; ++m) shift[m] = std::polar(1.0, m * ring_phi(0, nlon));
+  const int64_t chunk = 8;  // coefficient rows sharing one Legendre recurrence
+  const int64_t nchunks = (batch + chunk - 1) / chunk;
+#pragma omp parallel
+  {
+    LegendreRows leg(t, L);
+    std::vector<double> gc(chunk * M), gs(chunk * M), f(nlon);
+    std::vector<std::complex<double>> work(use_fft ? nlon : 0);
+    FFT fft(use_fft ? nlon : 1);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t cb = 0; cb < nchunks; ++cb)
+      for (int j = 0; j < nlat; ++j) {
+        const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
+        ring_legendre(leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          if (use_fft)
+            ring_fourier_fft(gc.data() + r * M, gs.data() + r * M, L, nlon, fft, shift.data(),
+                             work.data(), f.data());
+          else
+            ring_fourier_direct(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(),
+                                stab.data(), f.data());
+          T* o = out + ((b0 + r) * nlat + j) * (int64_t)nlon;
+          for (int k = 0; k < nlon; ++k) o[k] = (T)f[k];
+        }
+      }
+  }
+}
+
+namespace {
+
+struct Candidate {
+  double value;
+  double theta, phi;
+};
+
+// Keeps the `cap` largest candidates, sorted by decreasing value.
+class TopList {
+ public:
+  explicit TopList(int cap) : cap_(cap) { items_.reserve(cap + 1); }
+  void clear() { items_.clear(); }
+  double threshold() const {
+    return (int)items_.size() < cap_ ? -std::numeric_limits<double>::infinity() : items_.back().value;
+  }
+  void push(const Candidate& c) {
+    if ((int)items_.size() == cap_ && !(c.value > items_.back().value)) return;
+    auto it = std::upper_bound(items_.begin(), items_.end(), c,
+                               [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
+    items_.insert(it, c);
+    if ((int)items_.size() > cap_) items_.pop_back();
+  }
+  std::vector<Candidate>& items() { return items_; }
+
+ private:
+  int cap_;
+  std::vector<Candidate> items_;
+};
+
+// Local maxima of ring j (8-neighbourhood, wrapping in longitude; rings beyond the poles ignored).
+void ring_maxima(const double* above, const double* cur, const double* below, int j, int nlat,
+                 int nlon, TopList& top) {
+  const double thr = top.threshold();
+  for (int k = 0; k < nlon; ++k) {
+    const double v = cur[k];
+    if (!(v >= thr)) continue;
+    const int kl = k == 0 ? nlon - 1 : k - 1, kr = k == nlon - 1 ? 0 : k + 1;
+    if (v < cur[kl] || v < cur[kr]) continue;
+    if (above && (v < above[kl] || v < above[k] || v < above[kr])) continue;
+    if (below && (v < below[kl] || v < below[k] || v < below[kr])) continue;
+    top.push(Candidate{v, ring_theta(j, nlat), ring_phi(k, nlon)});
+  }
+}
+
+// Refines a grid candidate to the local maximum with trust-region Newton steps on the sphere.
+template <typename Coeff>
+Candidate refine(const Coeff& coeff, int L, const SHTables& t, Candidate c, double radius,
+                 int max_iter) {
+  const double tol = 1e-12;
+  Derivs d;
+  eval_derivs(coeff, L, t, c.theta, c.phi, 0, 1, 2, &d);
+  c.value = d.f;
+  for (int it = 0; it < max_iter && radius > tol; ++it) {
+    double nt, np;
+    const double r = sphere_ascent_step(d, c.theta, c.phi, radius, &nt, &np);
+    if (r < tol) break;
+    Derivs dn;
+    eval_derivs(coeff, L, t, nt, np, 0, 1, 2, &dn);
+    if (dn.f >= d.f) {
+      c.theta = nt;
+      c.phi = np;
+      c.value = dn.f;
+      d = dn;
+    } else {
+      radius = 0.25 * r;
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+template <typename T>
+void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, int L,
+                 const DecodeOptions& opt_in) {
+  DecodeOptions opt = opt_in;
+  if (opt.nlat <= 0) opt.nlat = decode_default_nlat(L);
+  if (opt.nlon <= 0) {
+    int n = 64;
+    while (n < 2 * opt.nlat) n <<= 1;
+    opt.nlon = n;
+  }
+  if (opt.candidates <= 0) opt.candidates = 2 * opt.top_k + 2;
+  opt.candidates = std::max(opt.candidates, opt.top_k);
+  if (opt.min_separation <= 0) opt.min_separation = kPi / (L + 1);
+  const int nlat = opt.nlat, nlon = opt.nlon, M = L + 1;
+  const auto tables = host_tables(L);
+  const SHTables t = tables->view();
+  const int64_t K = (int64_t)M * M;
+  const bool use_fft = is_pow2(nlon) && nlon > L;
+  std::vector<double> ctab, stab;
+  if (!use_fft) fourier_tables(L, nlon, ctab, stab);
+  std::vector<std::complex<double>> shift(M);
+  for (int m = 0; m <= L; ++m) shift[m] = std::polar(1.0, m * ring_phi(0, nlon));
+  const double grid_step = std::max(kPi / nlat, 2.0 * kPi / nlon);
+  const int64_t chunk = 4;
+  const int64_t nchunks = (batch + chunk - 1) / chunk;
+
+#pragma omp parallel
+  {
+    LegendreRows leg(t, L);
+    std::vector<double> gc(chunk * M), gs(chunk * M);
+    std::vector<double> rings(chunk * 3 * (size_t)nlon);  // rolling 3 rings per row
+    std::vector<std::complex<double>> work(use_fft ? nlon : 0);
+    FFT fft(use_fft ? nlon : 1);
+    std::vector<TopList> tops(chunk, TopList(opt.candidates));
+#pragma omp for schedule(dynamic)
+    for (int64_t cb = 0; cb < nchunks; ++cb) {
+      const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
+      for (int64_t r = 0; r < rows; ++r) tops[r].clear();
+      auto ring = [&](int64_t r, int j) { return rings.data() + (r * 3 + (j % 3)) * (size_t)nlon; };
+      for (int j = 0; j <= nlat; ++j) {
+        if (j < nlat) {
+          ring_legendre(leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            if (use_fft)
+              ring_fourier_fft(gc.data() + r * M, gs.data() + r * M, L, nlon, fft, shift.data(),
+                               work.data(), ring(r, j));
+            else
+              ring_fourier_direct(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(),
+                                  stab.data(), ring(r, j));
+          }
+        }
+        if (j >= 1) {  // ring j-1 now has both neighbours
+          const int jc = j - 1;
+          for (int64_t r = 0; r < rows; ++r)
+            ring_maxima(jc >= 1 ? ring(r, jc - 1) : nullptr, ring(r, jc),
+                        jc + 1 < nlat ? ring(r, jc + 1) : nullptr, jc, nlat, nlon, tops[r]);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* c = coeffs + (b0 + r) * K;
+        auto coeff = [c](int64_t k) { return (double)c[k]; };
+        std::vector<Candidate>& cand = tops[r].items();
+        if (opt.max_iter > 0)
+          for (auto& cd : cand) cd = refine(coeff, L, t, cd, grid_step, opt.max_iter);
+        std::stable_sort(cand.begin(), cand.end(),
+                         [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
+        std::vector<Candidate> kept;
+        for (const auto& cd : cand) {
+          if ((int)kept.size() == opt.top_k) break;
+          bool far = true;
+          for (const auto& q : kept)
+            if (angular_distance(cd.theta, cd.phi, q.theta, q.phi) < opt.min_separation) far = false;
+          if (far) kept.push_back(cd);
+        }
+        T* oc = out_coords + (b0 + r) * opt.top_k * 2;
+        T* os = out_scores + (b0 + r) * opt.top_k;
+        for (int q = 0; q < opt.top_k; ++q) {
+          if (q < (int)kept.size()) {
+            oc[2 * q] = (T)(90.0 - kept[q].theta / kDegToRad);
+            oc[2 * q + 1] = (T)wrap_lon_deg(kept[q].phi / kDegToRad);
+            os[q] = (T)kept[q].value;
+          } else {  // fewer distinct local maxima than top_k
+            oc[2 * q] = oc[2 * q + 1] = std::numeric_limits<T>::quiet_NaN();
+            os[q] = -std::numeric_limits<T>::infinity();
+          }
+        }
+      }
+    }
+  }
+}
+
+#define LOCDIFF_INSTANTIATE(T)                                                                \
+  template void sh_basis<T>(const T*, T*, int64_t, int, const T*);                          \
+  template void sh_basis_backward<T>(const T*, const T*, T*, int64_t, int, const T*);       \
+  template void sh_synthesis<T>(const T*, T*, int64_t, int, int, int);                      \
+  template void shdd_decode<T>(const T*, T*, T*, int64_t, int, const DecodeOptions&);
+LOCDIFF_INSTANTIATE(float)
+LOCDIFF_INSTANTIATE(double)
+#undef LOCDIFF_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace locdiff
