@@ -95,6 +95,12 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("num_threads", &locdiff::cpu::max_threads, "OpenMP threads the CPU kernels use");
 
+  m.def("_debug_eval", [](uintptr_t coeffs, int L, double theta, double phi, int method) {
+    double o[6];
+    locdiff::cpu::debug_eval(ptr<double>(coeffs), L, theta, phi, method, o);
+    return py::make_tuple(o[0], o[1], o[2], o[3], o[4], o[5]);
+  }, "f, f_t, f_p, f_tt, f_tp, f_pp at (colatitude, longitude) radians: for tests");
+
   m.def("sh_basis", [](uintptr_t coords, uintptr_t out, int64_t n, int L, uintptr_t weights, int dtype,
                        int device, uintptr_t stream) {
     check_dtype(dtype);

@@ -28,6 +28,7 @@ template <typename T>
 void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, int L,
                  const DecodeOptions& opt);
 int max_threads();
+void debug_eval(const double* coeffs, int L, double theta, double phi, int method, double* out6);
 }  // namespace cpu
 
 namespace cuda {

@@ -1,12 +1,14 @@
 // CPU kernels: OpenMP over points (or rows), loops over m vectorised by the compiler.
 #include <algorithm>
 #include <cmath>
-#include <complex>
 #include <limits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "kernels.h"
@@ -25,6 +27,22 @@ int max_threads() {
 }
 
 namespace {
+
+// Large outputs arrive as freshly mapped, untouched pages (torch.empty); faulting them in 4 KiB at
+// a time costs more than computing the harmonics.  Ask for transparent huge pages, as numpy does
+// for its large arrays (a no-op where THP is off or the pages are already present).
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = ((uintptr_t)p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = ((uintptr_t)p + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise((void*)begin, end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 // Rolling rows of Pbar_lm for one colatitude, advanced degree by degree ("l-outer"): each step is
 // a loop over m that the compiler vectorises, and the row of outputs for degree l is contiguous.
@@ -94,43 +112,6 @@ void trig_table(double phi, int L, double* c, double* s) {
   }
 }
 
-// In-place radix-2 complex FFT of power-of-two size with e^{+2 pi i m k / n} (an inverse DFT
-// without the 1/n factor).
-class FFT {
- public:
-  explicit FFT(int n) : n_(n), tw_(n / 2), rev_(n) {
-    int bits = 0;
-    while ((1 << bits) < n) ++bits;
-    for (int i = 0; i < n; ++i) {
-      int r = 0;
-      for (int k = 0; k < bits; ++k)
-        if (i & (1 << k)) r |= 1 << (bits - 1 - k);
-      rev_[i] = r;
-    }
-    for (int i = 0; i < n / 2; ++i) tw_[i] = std::polar(1.0, 2.0 * kPi * i / n);
-  }
-  void run(std::complex<double>* a) const {
-    for (int i = 0; i < n_; ++i)
-      if (i < rev_[i]) std::swap(a[i], a[rev_[i]]);
-    for (int len = 2; len <= n_; len <<= 1) {
-      const int half = len / 2, step = n_ / len;
-      for (int i = 0; i < n_; i += len)
-        for (int j = 0; j < half; ++j) {
-          const std::complex<double> w = tw_[j * step] * a[i + j + half];
-          a[i + j + half] = a[i + j] - w;
-          a[i + j] += w;
-        }
-    }
-  }
-
- private:
-  int n_;
-  std::vector<std::complex<double>> tw_;
-  std::vector<int> rev_;
-};
-
-bool is_pow2(int n) { return n > 0 && (n & (n - 1)) == 0; }
-
 // Legendre stage of the separable synthesis for `rows` coefficient rows at one ring:
 // gc[r][m] = sum_l c[r][l,m] Pbar_lm, gs[r][m] = sum_l c[r][l,-m] Pbar_lm.
 template <typename T>
@@ -159,14 +140,16 @@ void ring_legendre(LegendreRows& leg, double theta, const T* coeffs, int64_t row
 }
 
 // Fourier stage by direct summation: f[k] = gc0 + sum_m gc_m sqrt2 cos(m phi_k) + gs_m sqrt2 sin(m phi_k).
-// ctab/stab: [L+1][nlon] tables of sqrt2 cos / sqrt2 sin (row 0 = 1, 0).
-void ring_fourier_direct(const double* gc, const double* gs, int L, int nlon, const double* ctab,
-                         const double* stab, double* f) {
-  for (int k = 0; k < nlon; ++k) f[k] = gc[0];
+// ctab/stab: [L+1][nlon] tables of sqrt2 cos / sqrt2 sin (row 0 = 1, 0).  F = double for
+// sh_synthesis; float for the decoder's coarse map, which only ranks candidates (twice the SIMD width).
+template <typename F>
+void ring_fourier(const double* gc, const double* gs, int L, int nlon, const F* ctab, const F* stab, F* f) {
+  const F g0 = (F)gc[0];
+  for (int k = 0; k < nlon; ++k) f[k] = g0;
   for (int m = 1; m <= L; ++m) {
-    const double a = gc[m], b = gs[m];
-    const double* cr = ctab + (size_t)m * nlon;
-    const double* sr = stab + (size_t)m * nlon;
+    const F a = (F)gc[m], b = (F)gs[m];
+    const F* cr = ctab + (size_t)m * nlon;
+    const F* sr = stab + (size_t)m * nlon;
 #pragma omp simd
     for (int k = 0; k < nlon; ++k) f[k] += a * cr[k] + b * sr[k];
   }
@@ -176,27 +159,18 @@ void ring_fourier_direct(const double* gc, const double* gs, int L, int nlon, co
 inline double ring_phi(int k, int nlon) { return -kPi + (k + 0.5) * 2.0 * kPi / nlon; }
 inline double ring_theta(int j, int nlat) { return (j + 0.5) * kPi / nlat; }
 
-void fourier_tables(int L, int nlon, std::vector<double>& ctab, std::vector<double>& stab) {
-  ctab.assign((size_t)(L + 1) * nlon, 0.0);
-  stab.assign((size_t)(L + 1) * nlon, 0.0);
+template <typename F>
+void fourier_tables(int L, int nlon, std::vector<F>& ctab, std::vector<F>& stab) {
+  ctab.assign((size_t)(L + 1) * nlon, F(0));
+  stab.assign((size_t)(L + 1) * nlon, F(0));
   std::vector<double> c(L + 1), s(L + 1);
   for (int k = 0; k < nlon; ++k) {
     trig_table(ring_phi(k, nlon), L, c.data(), s.data());
     for (int m = 0; m <= L; ++m) {
-      ctab[(size_t)m * nlon + k] = c[m];
-      stab[(size_t)m * nlon + k] = s[m];
+      ctab[(size_t)m * nlon + k] = (F)c[m];
+      stab[(size_t)m * nlon + k] = (F)s[m];
     }
   }
-}
-
-// Fourier stage by FFT (nlon a power of two > L): f_k = Re sum_m z_m e^{i m phi_k}.
-void ring_fourier_fft(const double* gc, const double* gs, int L, int nlon, const FFT& fft,
-                      const std::complex<double>* shift, std::complex<double>* work, double* f) {
-  std::fill(work, work + nlon, std::complex<double>(0.0, 0.0));
-  work[0] = gc[0];
-  for (int m = 1; m <= L; ++m) work[m] = kSqrt2 * std::complex<double>(gc[m], -gs[m]) * shift[m];
-  fft.run(work);
-  for (int k = 0; k < nlon; ++k) f[k] = work[k].real();
 }
 
 }  // namespace
@@ -209,6 +183,7 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   std::vector<double> w(L + 1, 1.0);
   if (weights)
     for (int l = 0; l <= L; ++l) w[l] = (double)weights[l];
+  advise_huge_pages(out, (size_t)n * K * sizeof(T));
 #pragma omp parallel
   {
     LegendreRows leg(t, L);
@@ -271,31 +246,22 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   const SHTables t = tables->view();
   const int64_t K = (int64_t)(L + 1) * (L + 1);
   const int M = L + 1;
-  const bool use_fft = is_pow2(nlon) && nlon > L && nlon >= 64;
   std::vector<double> ctab, stab;
-  if (!use_fft) fourier_tables(L, nlon, ctab, stab);
-  std::vector<std::complex<double>> shift(M);
-  for (int m = 0; m <= L; ++m) shift[m] = std::polar(1.0, m * ring_phi(0, nlon));
+  fourier_tables(L, nlon, ctab, stab);
+  advise_huge_pages(out, (size_t)batch * nlat * nlon * sizeof(T));
   const int64_t chunk = 8;  // coefficient rows sharing one Legendre recurrence
   const int64_t nchunks = (batch + chunk - 1) / chunk;
 #pragma omp parallel
   {
     LegendreRows leg(t, L);
     std::vector<double> gc(chunk * M), gs(chunk * M), f(nlon);
-    std::vector<std::complex<double>> work(use_fft ? nlon : 0);
-    FFT fft(use_fft ? nlon : 1);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t cb = 0; cb < nchunks; ++cb)
       for (int j = 0; j < nlat; ++j) {
         const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
         ring_legendre(leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
         for (int64_t r = 0; r < rows; ++r) {
-          if (use_fft)
-            ring_fourier_fft(gc.data() + r * M, gs.data() + r * M, L, nlon, fft, shift.data(),
-                             work.data(), f.data());
-          else
-            ring_fourier_direct(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(),
-                                stab.data(), f.data());
+          ring_fourier(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(), stab.data(), f.data());
           T* o = out + ((b0 + r) * nlat + j) * (int64_t)nlon;
           for (int k = 0; k < nlon; ++k) o[k] = (T)f[k];
         }
@@ -333,44 +299,109 @@ class TopList {
 };
 
 // Local maxima of ring j (8-neighbourhood, wrapping in longitude; rings beyond the poles ignored).
-void ring_maxima(const double* above, const double* cur, const double* below, int j, int nlat,
-                 int nlon, TopList& top) {
+void ring_maxima(const float* above, const float* cur, const float* below, int j, int nlat, int nlon,
+                 TopList& top) {
   const double thr = top.threshold();
   for (int k = 0; k < nlon; ++k) {
-    const double v = cur[k];
-    if (!(v >= thr)) continue;
+    const float v = cur[k];
+    if (!((double)v >= thr)) continue;
     const int kl = k == 0 ? nlon - 1 : k - 1, kr = k == nlon - 1 ? 0 : k + 1;
     if (v < cur[kl] || v < cur[kr]) continue;
     if (above && (v < above[kl] || v < above[k] || v < above[kr])) continue;
     if (below && (v < below[kl] || v < below[k] || v < below[kr])) continue;
-    top.push(Candidate{v, ring_theta(j, nlat), ring_phi(k, nlon)});
+    top.push(Candidate{(double)v, ring_theta(j, nlat), ring_phi(k, nlon)});
   }
 }
 
+// f and its first and second derivatives in (colatitude, longitude) at one point, degree by
+// degree: each step is a handful of loops over m that vectorise.  Theta-derivatives come from the
+// ladder relations on the row Pbar_{l,.}, so they are exact at the poles too.  Same result as
+// eval_derivs in sh_math.h (which the CUDA kernels use, one order per lane); tests compare them.
+class RowEvaluator {
+ public:
+  RowEvaluator(const HostTables& ht, int L)
+      : ht_(ht), L_(L), leg_(ht.view(), L), cs_(L + 1), sn_(L + 1), dp_(L + 2, 0.0), d2p_(L + 2, 0.0),
+        acc_(6 * (size_t)(L + 2), 0.0) {}
+
+  template <typename T>
+  Derivs operator()(const T* c, double theta, double phi) {
+    const int L = L_;
+    trig_table(phi, L, cs_.data(), sn_.data());
+    leg_.reset(std::cos(theta), std::sin(theta));
+    std::fill(acc_.begin(), acc_.end(), 0.0);
+    double *A0 = acc_.data(), *A1 = A0 + (L + 2), *A2 = A1 + (L + 2);
+    double *B0 = A2 + (L + 2), *B1 = B0 + (L + 2), *B2 = B1 + (L + 2);
+    double* dp = dp_.data();
+    double* d2p = d2p_.data();
+    A0[0] = (double)c[0] * kY00;
+    for (int l = 1; l <= L; ++l) {
+      const double* p = leg_.next();
+      const double* al = ht_.alpha.data() + tri(l, 0);
+      const double* be = ht_.beta.data() + tri(l, 0);
+      dp[0] = -2.0 * be[0] * p[1];
+#pragma omp simd
+      for (int m = 1; m <= l; ++m) dp[m] = al[m] * p[m - 1] - be[m] * p[m + 1];
+      dp[l + 1] = 0.0;
+      d2p[0] = -2.0 * be[0] * dp[1];
+#pragma omp simd
+      for (int m = 1; m <= l; ++m) d2p[m] = al[m] * dp[m - 1] - be[m] * dp[m + 1];
+      const T* cl = c + (int64_t)l * l + l;
+#pragma omp simd
+      for (int m = 0; m <= l; ++m) {
+        const double cc = (double)cl[m], cn = (double)cl[-m];
+        A0[m] += cc * p[m];
+        A1[m] += cc * dp[m];
+        A2[m] += cc * d2p[m];
+        B0[m] += cn * p[m];
+        B1[m] += cn * dp[m];
+        B2[m] += cn * d2p[m];
+      }
+    }
+    Derivs d;
+    d.f = A0[0];
+    d.ft = A1[0];
+    d.ftt = A2[0];
+    d.fp = d.ftp = d.fpp = 0.0;  // m = 0 has no longitude dependence (B*[0] hold c_l0 again: unused)
+    for (int m = 1; m <= L; ++m) {
+      const double C = cs_[m], S = sn_[m], mm = m;
+      d.f += A0[m] * C + B0[m] * S;
+      d.ft += A1[m] * C + B1[m] * S;
+      d.ftt += A2[m] * C + B2[m] * S;
+      d.fp += mm * (B0[m] * C - A0[m] * S);
+      d.ftp += mm * (B1[m] * C - A1[m] * S);
+      d.fpp -= mm * mm * (A0[m] * C + B0[m] * S);
+    }
+    return d;
+  }
+
+ private:
+  const HostTables& ht_;
+  int L_;
+  LegendreRows leg_;
+  std::vector<double> cs_, sn_, dp_, d2p_, acc_;
+};
+
 // Refines a grid candidate to the local maximum with trust-region Newton steps on the sphere.
-template <typename Coeff>
-Candidate refine(const Coeff& coeff, int L, const SHTables& t, Candidate c, double radius,
-                 int max_iter) {
-  const double tol = 1e-12;
-  Derivs d;
-  eval_derivs(coeff, L, t, c.theta, c.phi, 0, 1, 2, &d);
-  c.value = d.f;
+template <typename T>
+Candidate refine(RowEvaluator& eval, const T* c, Candidate cd, double radius, int max_iter) {
+  const double tol = 1e-11;  // radians (~0.06 mm)
+  Derivs d = eval(c, cd.theta, cd.phi);
+  cd.value = d.f;
   for (int it = 0; it < max_iter && radius > tol; ++it) {
     double nt, np;
-    const double r = sphere_ascent_step(d, c.theta, c.phi, radius, &nt, &np);
+    const double r = sphere_ascent_step(d, cd.theta, cd.phi, radius, &nt, &np);
     if (r < tol) break;
-    Derivs dn;
-    eval_derivs(coeff, L, t, nt, np, 0, 1, 2, &dn);
+    const Derivs dn = eval(c, nt, np);
     if (dn.f >= d.f) {
-      c.theta = nt;
-      c.phi = np;
-      c.value = dn.f;
+      cd.theta = nt;
+      cd.phi = np;
+      cd.value = dn.f;
       d = dn;
     } else {
       radius = 0.25 * r;
     }
   }
-  return c;
+  return cd;
 }
 
 }  // namespace
@@ -380,11 +411,7 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
                  const DecodeOptions& opt_in) {
   DecodeOptions opt = opt_in;
   if (opt.nlat <= 0) opt.nlat = decode_default_nlat(L);
-  if (opt.nlon <= 0) {
-    int n = 64;
-    while (n < 2 * opt.nlat) n <<= 1;
-    opt.nlon = n;
-  }
+  if (opt.nlon <= 0) opt.nlon = 2 * opt.nlat;
   if (opt.candidates <= 0) opt.candidates = 2 * opt.top_k + 2;
   opt.candidates = std::max(opt.candidates, opt.top_k);
   if (opt.min_separation <= 0) opt.min_separation = kPi / (L + 1);
@@ -392,22 +419,18 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
   const auto tables = host_tables(L);
   const SHTables t = tables->view();
   const int64_t K = (int64_t)M * M;
-  const bool use_fft = is_pow2(nlon) && nlon > L;
-  std::vector<double> ctab, stab;
-  if (!use_fft) fourier_tables(L, nlon, ctab, stab);
-  std::vector<std::complex<double>> shift(M);
-  for (int m = 0; m <= L; ++m) shift[m] = std::polar(1.0, m * ring_phi(0, nlon));
+  std::vector<float> ctab, stab;
+  fourier_tables(L, nlon, ctab, stab);
   const double grid_step = std::max(kPi / nlat, 2.0 * kPi / nlon);
-  const int64_t chunk = 4;
+  const int64_t chunk = 4;  // rows sharing one Legendre recurrence per ring
   const int64_t nchunks = (batch + chunk - 1) / chunk;
 
 #pragma omp parallel
   {
     LegendreRows leg(t, L);
+    RowEvaluator eval(*tables, L);
     std::vector<double> gc(chunk * M), gs(chunk * M);
-    std::vector<double> rings(chunk * 3 * (size_t)nlon);  // rolling 3 rings per row
-    std::vector<std::complex<double>> work(use_fft ? nlon : 0);
-    FFT fft(use_fft ? nlon : 1);
+    std::vector<float> rings(chunk * 3 * (size_t)nlon);  // rolling 3 rings per row: never the whole map
     std::vector<TopList> tops(chunk, TopList(opt.candidates));
 #pragma omp for schedule(dynamic)
     for (int64_t cb = 0; cb < nchunks; ++cb) {
@@ -417,14 +440,8 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
       for (int j = 0; j <= nlat; ++j) {
         if (j < nlat) {
           ring_legendre(leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            if (use_fft)
-              ring_fourier_fft(gc.data() + r * M, gs.data() + r * M, L, nlon, fft, shift.data(),
-                               work.data(), ring(r, j));
-            else
-              ring_fourier_direct(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(),
-                                  stab.data(), ring(r, j));
-          }
+          for (int64_t r = 0; r < rows; ++r)
+            ring_fourier(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(), stab.data(), ring(r, j));
         }
         if (j >= 1) {  // ring j-1 now has both neighbours
           const int jc = j - 1;
@@ -435,10 +452,9 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
       }
       for (int64_t r = 0; r < rows; ++r) {
         const T* c = coeffs + (b0 + r) * K;
-        auto coeff = [c](int64_t k) { return (double)c[k]; };
         std::vector<Candidate>& cand = tops[r].items();
         if (opt.max_iter > 0)
-          for (auto& cd : cand) cd = refine(coeff, L, t, cd, grid_step, opt.max_iter);
+          for (auto& cd : cand) cd = refine(eval, c, cd, grid_step, opt.max_iter);
         std::stable_sort(cand.begin(), cand.end(),
                          [](const Candidate& a, const Candidate& b) { return a.value > b.value; });
         std::vector<Candidate> kept;
@@ -464,6 +480,21 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
       }
     }
   }
+}
+
+// Both derivative evaluators at one point, for the tests (method 0: eval_derivs, the per-order
+// form the CUDA kernels use; 1: the CPU row form).
+void debug_eval(const double* coeffs, int L, double theta, double phi, int method, double* out6) {
+  const auto tables = host_tables(L);
+  Derivs d;
+  if (method == 0) {
+    auto coeff = [coeffs](int64_t k) { return coeffs[k]; };
+    eval_derivs(coeff, L, tables->view(), theta, phi, 0, 1, 2, &d);
+  } else {
+    RowEvaluator eval(*tables, L);
+    d = eval(coeffs, theta, phi);
+  }
+  out6[0] = d.f; out6[1] = d.ft; out6[2] = d.fp; out6[3] = d.ftt; out6[4] = d.ftp; out6[5] = d.fpp;
 }
 
 #define LOCDIFF_INSTANTIATE(T)                                                                \

@@ -115,7 +115,13 @@ template <typename Coeff>
 LD_HD void eval_derivs(const Coeff& coeff, int L, const SHTables& tab, double theta, double phi,
                        int m_begin, int m_step, int order, Derivs* out) {
   double x = cos(theta), u = sin(theta);
-  if (u < kMinSin) u = kMinSin;
+  // Second derivatives of the m >= 1 terms cancel O(1/u) parts; keep u >= 1e-8 (6 cm from a pole)
+  // so that f_tt stays accurate to ~1e-8 relative there.  First derivatives need no such margin.
+  const double u_min = order >= 2 ? 1e-8 : kMinSin;
+  if (u < u_min) {
+    u = u_min;
+    x = x < 0 ? -sqrt(1.0 - u * u) : sqrt(1.0 - u * u);
+  }
   const double inv_u = 1.0 / u;
   Derivs acc;
   derivs_zero(&acc);

@@ -1,6 +1,7 @@
 #include "tables.h"
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 
 namespace locdiff {
@@ -20,6 +21,13 @@ std::shared_ptr<const HostTables> host_tables(int L) {
   t->sect.resize(target + 1);
   t->logsect.resize(target + 1);
   fill_tables(target, t->a.data(), t->b.data(), t->e.data(), t->sect.data(), t->logsect.data());
+  t->alpha.resize(n);
+  t->beta.resize(n);
+  for (int l = 0; l <= target; ++l)
+    for (int m = 0; m <= l; ++m) {
+      t->alpha[tri(l, m)] = 0.5 * std::sqrt((double)(l + m) * (l - m + 1));
+      t->beta[tri(l, m)] = 0.5 * std::sqrt((double)(l + m + 1) * (l - m));
+    }
   t->L = target;
   cached = t;
   return cached;

@@ -10,6 +10,9 @@ namespace locdiff {
 
 struct HostTables {
   std::vector<double> a, b, e, sect, logsect;
+  // Ladder coefficients (host only): dPbar_lm/dt = alpha_lm Pbar_{l,m-1} - beta_lm Pbar_{l,m+1},
+  // alpha_lm = sqrt((l+m)(l-m+1))/2, beta_lm = sqrt((l+m+1)(l-m))/2; for m = 0, -2 beta_l0 Pbar_l1.
+  std::vector<double> alpha, beta;
   int L = -1;
   SHTables view() const { return SHTables{a.data(), b.data(), e.data(), sect.data(), logsect.data(), L}; }
 };
