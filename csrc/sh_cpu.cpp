@@ -175,6 +175,45 @@ void fourier_tables(int L, int nlon, std::vector<F>& ctab, std::vector<F>& stab)
 
 }  // namespace
 
+// One point's harmonics, degree by degree.  The recurrence step for degree l and the write of the
+// output row l (contiguous columns l*l .. l*l+2l) share one loop over m, so each Pbar_lm is used
+// while still in a register.  Rows r1 (degree l-1) and r2 (degree l-2) hold L+2 entries and are
+// zero just past their last order, which is all the recurrence reads: no clearing per point.
+template <typename T>
+inline void basis_point(const SHTables& t, int L, double x, double u, const double* c, const double* s,
+                        const double* w, double* r0, double* r1, double* r2, T* o) {
+  r2[0] = 0.0;
+  r1[0] = kY00;
+  r1[1] = 0.0;
+  o[0] = (T)(kY00 * w[0]);
+  for (int l = 1; l <= L; ++l) {
+    const double* a = t.a + tri(l, 0);
+    const double* b = t.b + tri(l, 0);
+    const double wl = w[l];
+    T* ol = o + (int64_t)l * l + l;
+    const double v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
+    r0[0] = v0;
+    ol[0] = (T)(v0 * wl);
+#pragma omp simd
+    for (int m = 1; m < l; ++m) {
+      const double v = a[m] * (x * r1[m] - b[m] * r2[m]);
+      r0[m] = v;
+      const double vw = v * wl;
+      ol[m] = (T)(vw * c[m]);
+      ol[-m] = (T)(vw * s[m]);
+    }
+    const double vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
+    r0[l] = vs;
+    r0[l + 1] = 0.0;
+    ol[l] = (T)(vs * wl * c[l]);
+    ol[-l] = (T)(vs * wl * s[l]);
+    double* tmp = r2;
+    r2 = r1;
+    r1 = r0;
+    r0 = tmp;
+  }
+}
+
 template <typename T>
 void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   const auto tables = host_tables(L);
@@ -186,28 +225,14 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   advise_huge_pages(out, (size_t)n * K * sizeof(T));
 #pragma omp parallel
   {
-    LegendreRows leg(t, L);
-    std::vector<double> c(L + 1), s(L + 1);
+    std::vector<double> c(L + 1), s(L + 1), rows(3 * (size_t)(L + 2));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       double theta, phi;
       latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
       trig_table(phi, L, c.data(), s.data());
-      leg.reset(std::cos(theta), std::sin(theta));
-      T* o = out + i * K;
-      o[0] = (T)(kY00 * w[0]);
-      for (int l = 1; l <= L; ++l) {
-        const double* p = leg.next();
-        const double wl = w[l];
-        T* ol = o + (int64_t)l * l + l;
-        ol[0] = (T)(p[0] * wl);
-#pragma omp simd
-        for (int m = 1; m <= l; ++m) {
-          const double pw = p[m] * wl;
-          ol[m] = (T)(pw * c[m]);
-          ol[-m] = (T)(pw * s[m]);
-        }
-      }
+      basis_point(t, L, std::cos(theta), std::sin(theta), c.data(), s.data(), w.data(), rows.data(),
+                  rows.data() + (L + 2), rows.data() + 2 * (L + 2), out + i * K);
     }
   }
 }
