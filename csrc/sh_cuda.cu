@@ -377,6 +377,11 @@ __global__ void decode_kernel(const T* __restrict__ coeffs, T* __restrict__ out_
       double nt, np;
       const double step = sphere_ascent_step(d, theta, phi, radius, &nt, &np);
       if (step < 1e-12) break;
+      if (step < 1e-7 && d.ftt < 0.0) {  // as on the CPU: take a tiny Newton step unverified
+        theta = nt;
+        phi = np;
+        break;
+      }
       Derivs dn;
       eval_derivs(coeff, L, tab, nt, np, lane, 32, 2, &dn);
       for (int off = 16; off > 0; off >>= 1) {
