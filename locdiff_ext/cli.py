@@ -1,14 +1,17 @@
-"""Console script ``locdiff``.
+"""Console script ``locdiff``: train | eval | predict | bench (``locdiff <command> --help``).
 
-Subcommands so far: ``bench`` (times the kernels on this machine and checks them against the
-float64 reference).  Training, evaluation, prediction and the demo come with the model issues.
+``train`` reads an (embeddings, coords) file, ``eval`` prints the metrics table of a model on
+one, ``predict`` geolocates images or embedding files, ``bench`` times the kernels and a sampling
+step here.  Multi-GPU: ``torchrun --nproc_per_node=N -m locdiff_ext train ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -58,20 +61,198 @@ def _bench(args) -> int:
         km = great_circle_km(modes[:, 0].cpu(), coords[:B]).max().item()
         ns = t_basis / (n * (L + 1) ** 2) * 1e9
         print(f"{L:>5} {t_basis * 1e3:>19.2f} ms {ns:>8.3f} {err:>9.1e} {t_dec * 1e3:>19.2f} ms {km:>8.1e}")
+    _bench_sampling(device)
     return 0
+
+
+def _bench_sampling(device: torch.device) -> None:
+    """One DDIM step (network + x0 update) and one full geolocate call of a default-size model."""
+    import locdiff_ext as ld
+
+    for L in (16, 32):
+        model = ld.LocDiff(ld.LocDiffConfig(cond_dim=512, L=L)).to(device).eval()
+        emb = torch.randn(64, 512, device=device)
+        t_step = _timeit(lambda: model.sample(model.condition(emb), 1, steps=1))
+        t_full = _timeit(lambda: model.predict(emb, num_samples=16), min_time=0.5, max_reps=5)
+        print(f"L={L:<3} K={model.shdd.dim:<5} one sampling step, 64 inputs: {t_step * 1e3:8.2f} ms   "
+              f"geolocate 64 inputs x 16 samples x {model.config.sample_steps} steps: {t_full * 1e3:8.1f} ms "
+              f"({t_full / 64 * 1e3:.2f} ms per input)")
+
+
+# ---------------------------------------------------------------------- train / eval / predict
+
+
+def _load_data(path: str, coords: Optional[str]):
+    from .data import load_dataset
+
+    return load_dataset(path, coords)
+
+
+def _train(args) -> int:
+    from .api import LocDiff, LocDiffConfig
+    from .train import Trainer, TrainConfig
+
+    cfg_file = json.loads(Path(args.config).read_text()) if args.config else {}
+    unknown = sorted(set(cfg_file) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"--config: unknown sections {unknown} (expected 'model' and 'train')")
+    data = _load_data(args.data, args.coords)
+    val = _load_data(args.val, args.val_coords) if args.val else None
+    model_cfg = dict(cfg_file.get("model", {}))
+    model_cfg["cond_dim"] = data.dim
+    for key in ("L", "widths", "dropout", "loss", "prediction", "cond_drop_prob"):
+        if getattr(args, key) is not None:
+            model_cfg[key] = getattr(args, key)
+    train_cfg = dict(cfg_file.get("train", {}))
+    for key in ("steps", "batch_size", "lr", "eval_every", "checkpoint_every", "seed"):
+        if getattr(args, key) is not None:
+            train_cfg[key] = getattr(args, key)
+    train_config = TrainConfig.from_dict(train_cfg)
+    torch.manual_seed(train_config.seed)  # the initial weights, reproducibly
+    model = LocDiff(LocDiffConfig.from_dict(model_cfg))
+    trainer = Trainer(model, data, args.out, train_config, val, progress=not args.no_progress)
+    trainer.fit(resume=not args.no_resume)
+    if trainer.rank == 0:
+        print(f"model saved to {Path(args.out) / 'final'}")
+    return 0
+
+
+def _model_dir(path: str) -> Path:
+    """A save_pretrained directory, or a training run's out_dir (its final/ or newest checkpoint)."""
+    from .checkpoint import MANIFEST, latest_checkpoint
+
+    p = Path(path)
+    if (p / MANIFEST).is_file() or not p.is_dir():
+        return p
+    if (p / "final" / MANIFEST).is_file():
+        return p / "final"
+    return latest_checkpoint(p) or p
+
+
+def _load_model(args):
+    from .api import LocDiff, default_model_dir
+
+    path = _model_dir(args.model) if args.model else default_model_dir()
+    if not args.model and not path.exists():
+        raise FileNotFoundError(f"no --model given and no demo model at {path}: run `locdiff demo` first")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return LocDiff.from_pretrained(path, map_location=device)
+
+
+def _eval(args) -> int:
+    from .evaluate import geolocation_metrics, markdown_table, write_report
+
+    model = _load_model(args)
+    data = _load_data(args.data, args.coords)
+    coords, _, _ = model.predict(data.embeddings, num_samples=args.num_samples, steps=args.steps,
+                                 batch_size=args.batch_size, seed=args.seed)
+    rows = {"LocDiff": geolocation_metrics(coords[:, 0], data.coords)}
+    print(markdown_table(rows))
+    if args.json:
+        write_report(args.json, rows, {"model": str(args.model), "data": args.data})
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}")
+    return 0
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from .api import geolocate
+
+    model = _load_model(args)
+    emb_files = [p for p in args.inputs if Path(p).suffix.lower() in (".npy", ".npz")]
+    if emb_files and len(emb_files) != len(args.inputs):
+        raise ValueError("inputs: pass either image files or embedding files (.npy/.npz), not both")
+    if emb_files:
+        from .data import validate_embeddings
+
+        arrays = []
+        for f in emb_files:
+            a = np.load(f, allow_pickle=False)
+            arrays.append(a["embeddings"] if isinstance(a, np.lib.npyio.NpzFile) else a)
+        inputs = torch.cat([validate_embeddings(a, f"embeddings in {f}") for a, f in zip(arrays, emb_files)])
+        names = [f"{f}[{i}]" for f, a in zip(emb_files, arrays) for i in range(len(a))]
+    else:
+        inputs, names = list(args.inputs), list(args.inputs)
+    results = geolocate(inputs, model=model, top_k=args.top_k, num_samples=args.num_samples, steps=args.steps,
+                        batch_size=args.batch_size, seed=args.seed)
+    records = [{"input": n, "modes": [{"lat": a, "lon": b, "score": s} for a, b, s in r.modes]}
+               for n, r in zip(names, results)]
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        for rec in records:
+            modes = "  ".join(f"({m['lat']:.4f}, {m['lon']:.4f}) score {m['score']:.3f}" for m in rec["modes"])
+            print(f"{rec['input']}: {modes or 'no mode found'}")
+    return 0
+
+
+def _add_inference_flags(p) -> None:
+    p.add_argument("--model", help="directory written by save_pretrained or a training out_dir "
+                                    "(default: the demo model)")
+    p.add_argument("--num-samples", type=int, default=None, help="diffusion samples per input (default: model config)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: model config)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="locdiff", description="LocDiff geolocalization")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("bench", help="time the SH kernels on this machine and check them against the float64 reference")
+
+    p = sub.add_parser("train", help="train a LocDiff model on an (embeddings, coords) file",
+                       description="Train on DATA (.npz/.safetensors with 'embeddings' and 'coords', .parquet "
+                                   "with lat/lon and embedding columns, or .npy embeddings with --coords).")
+    p.add_argument("data")
+    p.add_argument("--coords", help=".npy of [N, 2] (lat, lon) when DATA is an .npy of embeddings")
+    p.add_argument("--val", help="validation data (default: a random split of DATA)")
+    p.add_argument("--val-coords")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, history.json, final/")
+    p.add_argument("--config", help='JSON file {"model": {LocDiffConfig fields}, "train": {TrainConfig fields}}')
+    p.add_argument("--L", type=int, help="SH degree")
+    p.add_argument("--widths", type=int, nargs="+", help="CS-UNet widths, e.g. 1024 512 256")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--loss", choices=["shdd_kl", "mse"])
+    p.add_argument("--prediction", choices=["x0", "epsilon"])
+    p.add_argument("--cond-drop-prob", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="metrics of a model on an (embeddings, coords) file")
+    p.add_argument("data")
+    p.add_argument("--coords")
+    p.add_argument("--json", help="also write the metrics as JSON (and a .md table beside it)")
+    _add_inference_flags(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="geolocate image files or embedding files (.npy/.npz)")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_inference_flags(p)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("bench", help="time the SH kernels and a sampling step on this machine")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--degrees", type=int, nargs="+", default=[16, 64, 128], metavar="L")
     p.add_argument("--quick", action="store_true", help="smaller problem sizes")
     p.set_defaults(func=_bench)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"locdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .ops import EARTH_RADIUS_KM, grid_latlon, num_coeffs
+from .evaluate import great_circle_km  # noqa: F401  (re-exported: tests and benchmarks use it from here)
+from .ops import grid_latlon, num_coeffs
 
 
 def legendre_normalized(L: int, x: Tensor) -> dict:
@@ -80,13 +81,3 @@ def dense_decode(coeffs: Tensor, basis_at_grid: Tensor, grid: Tensor) -> Tuple[T
     values = coeffs @ basis_at_grid.T
     score, idx = values.max(dim=1)
     return grid[idx], score
-
-
-def great_circle_km(a: Tensor, b: Tensor) -> Tensor:
-    """Haversine distance in km between (lat, lon) degree tensors of shape [..., 2]."""
-    a = torch.deg2rad(a.to(torch.float64))
-    b = torch.deg2rad(b.to(torch.float64))
-    dlat = b[..., 0] - a[..., 0]
-    dlon = b[..., 1] - a[..., 1]
-    h = torch.sin(dlat / 2) ** 2 + torch.cos(a[..., 0]) * torch.cos(b[..., 0]) * torch.sin(dlon / 2) ** 2
-    return 2.0 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(torch.clamp(h, 0.0, 1.0)))

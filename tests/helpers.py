@@ -26,3 +26,35 @@ def random_coords(n, dtype=torch.float64, seed=0, extras=True):
         )
         pts = torch.cat([pts, special])
     return pts.to(dtype)
+
+
+REGION_CENTRES = torch.tensor(
+    [[48.0, 2.0], [-23.0, -46.0], [35.0, 139.0], [40.0, -100.0], [-25.0, 135.0], [0.0, 20.0], [55.0, 80.0], [-40.0, -70.0]],
+    dtype=torch.float64,
+)
+
+
+def region_dataset(n, seed, dim=16, spread_deg=2.0, noise=0.3):
+    """8 classes -> 8 regions: each row's embedding is its class prototype (fixed random vectors)
+    plus noise, its location the class's region centre plus Gaussian scatter.  Returns
+    (EmbeddingDataset, class index [n])."""
+    from locdiff_ext.data import EmbeddingDataset
+
+    protos = torch.randn(8, dim, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randint(0, 8, (n,), generator=g)
+    emb = protos[cls] + noise * torch.randn(n, dim, generator=g)
+    pts = REGION_CENTRES[cls] + torch.randn(n, 2, generator=g, dtype=torch.float64) * spread_deg
+    pts[:, 0] = pts[:, 0].clamp(-89.0, 89.0)
+    return EmbeddingDataset(emb, pts), cls
+
+
+def tiny_model(cond_dim=16, L=4, seed=0, **kw):
+    """A LocDiff small enough to train thousands of steps in seconds on a CPU (initialised from
+    ``seed``, so that two processes build the same model)."""
+    import locdiff_ext as ld
+
+    torch.manual_seed(seed)
+    cfg = dict(cond_dim=cond_dim, L=L, widths=(32, 16), time_dim=16, dropout=0.0, sample_steps=5, num_samples=4)
+    cfg.update(kw)
+    return ld.LocDiff(ld.LocDiffConfig(**cfg))

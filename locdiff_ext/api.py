@@ -1,0 +1,381 @@
+"""``LocDiff`` (the whole model: SHDD encoder/decoder, CS-UNet, noise schedule, optional image
+encoder) with ``save_pretrained`` / ``from_pretrained``, and ``geolocate``, the one-call API.
+
+Inference (design.md section 1): for each input, ``num_samples`` SHDD vectors are sampled from
+noise by DDIM/DDPM conditioned on the input's embedding, aggregated, and decoded to the top-k
+modes.  Aggregation 'mean' (default) averages the sampled SHDD vectors and decodes the mean: the
+mean of Diracs is a kernel density estimate of the samples, so its modes are where samples
+concentrate, top-k alternatives come out naturally, and one decode per input replaces S.  'mode'
+decodes every sample and returns the densest sample clusters (robust when samples are few).
+Scores are in [0, 1]: the share of the samples' mass at the mode (f(mode) / the peak of one
+Dirac for 'mean'; the fraction of samples within one main lobe for 'mode').
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .data import validate_embeddings
+from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
+from .encoders import ImageEncoder, build_image_encoder
+from .evaluate import great_circle_km
+from .model import CSUNet, CSUNetConfig
+from .ops import EARTH_RADIUS_KM, grid_latlon, sh_synthesis
+from .shdd import SHDDDecoder, SHDDEncoder, degree_weights
+
+PathLike = Union[str, os.PathLike]
+LOSSES = ("shdd_kl", "mse")
+AGGREGATES = ("mean", "mode")
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class LocDiffConfig:
+    """Everything that defines a LocDiff model (saved as config.json by save_pretrained)."""
+
+    cond_dim: int                                   # width of the condition (image/text) embedding
+    L: int = 32                                     # SH degree: finest scale ~ 20000 km / L
+    weighting: str = "none"                         # per-degree taper of the SHDD vectors ('none', 'gaussian')
+    taper_sigma: Optional[float] = None             # radians, for weighting='gaussian' (default 3/L)
+    widths: Tuple[int, ...] = (1024, 512, 256)      # CS-UNet encoder widths (decoder mirrors them)
+    time_dim: int = 256
+    w0_initial: float = 30.0
+    w0: float = 1.0
+    dropout: float = 0.1
+    normalize_condition: bool = True                # L2-normalise embeddings (CLIP-style features)
+    schedule: str = "cosine"
+    train_timesteps: int = 1000
+    prediction: str = "x0"
+    loss: str = "shdd_kl"                           # 'shdd_kl' (+ mse_weight * MSE) or 'mse'
+    kl_temperature: float = 0.05
+    kl_smoothing: Optional[float] = None            # radians (default 3/L), see SHDDKLLoss
+    mse_weight: float = 0.1
+    cond_drop_prob: float = 0.1                     # condition dropout (classifier-free guidance)
+    sampler: str = "ddim"
+    sample_steps: int = 25
+    eta: float = 0.0
+    num_samples: int = 16
+    guidance_scale: float = 1.0
+    aggregate: str = "mean"
+    image_encoder: Optional[Dict[str, Any]] = None  # config of the image encoder, if any
+
+    def __post_init__(self):
+        self.widths = tuple(int(w) for w in self.widths)
+        checks = [
+            (isinstance(self.cond_dim, int) and self.cond_dim >= 1, "cond_dim must be a positive int"),
+            (isinstance(self.L, int) and 1 <= self.L <= 256, "L must be an int in [1, 256]"),
+            (self.schedule in ("linear", "cosine"), "schedule must be 'linear' or 'cosine'"),
+            (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
+            (self.aggregate in AGGREGATES, f"aggregate must be one of {AGGREGATES}"),
+            (0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob must be in [0, 1)"),
+            (self.mse_weight >= 0, "mse_weight must be >= 0"),
+            (isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples must be an int >= 1"),
+            (isinstance(self.sample_steps, int) and 1 <= self.sample_steps <= self.train_timesteps,
+             "sample_steps must be an int in [1, train_timesteps]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"LocDiffConfig: {msg}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LocDiffConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LocDiffConfig: unknown keys {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class Geolocation:
+    """The prediction for one input: the best mode and all top-k modes, optionally the map.
+
+    ``prob_map`` [nlat, nlon] is the probability of each cell of ``grid_latlon(nlat, nlon)``
+    (rows north to south, columns west to east from -180), summing to 1."""
+
+    lat: float
+    lon: float
+    score: float
+    modes: List[Tuple[float, float, float]] = field(default_factory=list)  # (lat, lon, score), best first
+    prob_map: Optional[np.ndarray] = None
+
+    def __repr__(self) -> str:
+        extra = f", +{len(self.modes) - 1} more modes" if len(self.modes) > 1 else ""
+        return f"Geolocation(lat={self.lat:.4f}, lon={self.lon:.4f}, score={self.score:.3f}{extra})"
+
+
+class LocDiff(nn.Module):
+    """The LocDiff model.  ``predict`` runs inference on embeddings or images; ``training_loss``
+    is what ``locdiff_ext.train`` minimises."""
+
+    def __init__(self, config: LocDiffConfig, image_encoder: Optional[ImageEncoder] = None):
+        super().__init__()
+        self.config = config
+        self.shdd = SHDDEncoder(config.L, config.weighting, config.taper_sigma)
+        self.decoder = SHDDDecoder(self.shdd)
+        self.net = CSUNet(CSUNetConfig(dim=self.shdd.dim, cond_dim=config.cond_dim, widths=config.widths,
+                                       time_dim=config.time_dim, w0_initial=config.w0_initial, w0=config.w0,
+                                       dropout=config.dropout))
+        self.schedule = NoiseSchedule(config.schedule, config.train_timesteps)
+        weights = self.shdd.weights if self.shdd.weights.numel() else None
+        self.kl = SHDDKLLoss(config.L, self.shdd.scale, weights, temperature=config.kl_temperature,
+                             smoothing=config.kl_smoothing)
+        if image_encoder is None and config.image_encoder is not None:
+            image_encoder = build_image_encoder(config.image_encoder)
+        if image_encoder is not None:
+            if image_encoder.dim != config.cond_dim:
+                raise ValueError(f"image_encoder: output width {image_encoder.dim} != cond_dim {config.cond_dim}")
+            config.image_encoder = image_encoder.config
+        self.image_encoder = image_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ------------------------------------------------------------------ conditioning
+    def condition(self, embeddings: Tensor) -> Tensor:
+        """Validated (and, by default, L2-normalised) float32 embeddings on the model's device."""
+        e = validate_embeddings(embeddings, "embeddings", self.config.cond_dim).to(self.device)
+        return F.normalize(e, dim=-1) if self.config.normalize_condition else e
+
+    def embed(self, inputs) -> Tensor:
+        """Embeddings [N, D] from precomputed embeddings (a [N, D] tensor or array) or from images
+        (paths, PIL images, [3, H, W] tensors or a [N, 3, H, W] tensor) through the image encoder."""
+        if isinstance(inputs, np.ndarray):
+            inputs = torch.from_numpy(inputs)
+        if isinstance(inputs, Tensor) and inputs.dim() == 2:
+            return self.condition(inputs)
+        if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, Tensor) and inputs.dim() == 3):
+            inputs = [inputs]
+        if isinstance(inputs, Tensor) and inputs.dim() != 4:
+            raise ValueError(f"inputs: expected embeddings [N, D] or images [N, 3, H, W], got {tuple(inputs.shape)}")
+        if not isinstance(inputs, Tensor):
+            inputs = list(inputs)
+            if not inputs:
+                raise ValueError("inputs is empty: pass at least one image or embedding")
+        if self.image_encoder is None:
+            raise ValueError("inputs look like images but this model has no image encoder: pass embeddings "
+                             f"[N, {self.config.cond_dim}] instead")
+        pixels = self.image_encoder.preprocess(inputs).to(self.device)
+        with torch.no_grad():
+            return self.condition(self.image_encoder(pixels))
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, cond: Tensor, coords: Tensor, t: Tensor, noise: Tensor,
+                      drop_mask: Optional[Tensor] = None, denoiser: Optional[nn.Module] = None,
+                      amp_dtype: Optional[torch.dtype] = None):
+        """Diffusion loss of one batch: (loss, {name: value}).  ``cond`` are conditioned embeddings
+        (see ``condition``), ``t``/``noise``/``drop_mask`` the random draws (the trainer makes them,
+        so that they are reproducible); ``denoiser`` defaults to ``self.net`` (DDP passes its wrapper).
+        With ``amp_dtype`` the network runs under autocast; the loss is always computed in float32."""
+        net = denoiser or self.net
+        x0 = self.shdd(coords).to(noise.dtype)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        with torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            pred = net(x_t, t, cond, drop_mask)
+        pred = pred.float()
+        target = x0 if self.config.prediction == "x0" else noise
+        mse = mse_loss(pred, target)
+        if self.config.loss == "mse":
+            return mse, {"mse": mse.detach()}
+        x0_hat, _ = self.schedule.to_x0_eps(pred, x_t.float(), t, self.config.prediction)
+        kl = self.kl(x0_hat, x0.float())
+        return kl + self.config.mse_weight * mse, {"kl": kl.detach(), "mse": mse.detach()}
+
+    # ------------------------------------------------------------------ inference
+    def _sampler(self, steps: Optional[int]):
+        steps = steps or self.config.sample_steps
+        if self.config.sampler == "ddpm":
+            return DDPMSampler(self.schedule, steps, prediction=self.config.prediction)
+        return DDIMSampler(self.schedule, steps, eta=self.config.eta, prediction=self.config.prediction)
+
+    @torch.no_grad()
+    def sample(self, cond: Tensor, num_samples: int, steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """Scaled SHDD samples [B, S, K] for conditioned embeddings ``cond`` [B, D]."""
+        g = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if g != 1.0 and self.config.cond_drop_prob == 0.0:
+            raise ValueError("guidance_scale != 1 needs a model trained with cond_drop_prob > 0 "
+                             "(its unconditional branch is untrained)")
+        B = cond.shape[0]
+        rep = cond.repeat_interleave(num_samples, dim=0)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            x = self._sampler(steps).sample(self.net, rep, (B * num_samples, self.shdd.dim), generator=generator,
+                                            device=cond.device, dtype=torch.float32, guidance_scale=g)
+        finally:
+            self.net.train(was_training)
+        return x.reshape(B, num_samples, -1)
+
+    def _decode_mean(self, samples: Tensor, top_k: int) -> Tuple[Tensor, Tensor]:
+        coords, values = self.decoder(samples.mean(dim=1).double(), top_k)
+        return coords, values / self.dirac_peak
+
+    def _decode_mode(self, samples: Tensor, top_k: int) -> Tuple[Tensor, Tensor]:
+        B, S, _ = samples.shape
+        pts, _ = self.decoder(samples.reshape(B * S, -1).double(), 1)
+        pts = pts.reshape(B, S, 2)
+        d = great_circle_km(pts[:, :, None, :], pts[:, None, :, :])  # [B, S, S]
+        near = (d <= self.lobe_km) & ~torch.isnan(d)
+        coords = torch.full((B, top_k, 2), float("nan"), dtype=torch.float64)
+        scores = torch.full((B, top_k), float("-inf"), dtype=torch.float64)
+        free = torch.ones(B, S, dtype=torch.bool)
+        for k in range(top_k):  # greedy: the sample with most free neighbours, then remove them
+            counts = (near & free[:, None, :]).sum(-1).masked_fill(~free, -1)
+            best = counts.argmax(-1)
+            ok = counts.gather(1, best[:, None])[:, 0] > 0
+            rows = torch.arange(B)
+            coords[ok, k] = pts[rows, best][ok]
+            scores[ok, k] = counts[rows, best][ok].double() / S
+            free &= ~near[rows, best]
+        return coords, scores
+
+    @property
+    def dirac_peak(self) -> float:
+        """f at the centre of one encoded Dirac (unscaled): sum_l (2l+1) w_l / (4 pi)."""
+        w = self.shdd.weights.double() if self.shdd.weights.numel() else torch.ones(self.config.L + 1, dtype=torch.float64)
+        l = torch.arange(self.config.L + 1, dtype=torch.float64)
+        return float(((2 * l + 1) * w).sum()) / (4 * math.pi)
+
+    @property
+    def lobe_km(self) -> float:
+        """Main-lobe width pi/(L+1) of arc in km: the resolution of the representation."""
+        return math.pi / (self.config.L + 1) * EARTH_RADIUS_KM
+
+    def probability_map(self, samples: Tensor, nlat: int = 180, nlon: int = 360) -> Tensor:
+        """Per-cell probabilities [B, nlat, nlon] of the sample mean, smoothed with the SHDD-KL
+        Gaussian (no negative side lobes), clamped at 0 and weighted by cell area."""
+        coeffs = self.shdd.unscale(samples.mean(dim=1).double())
+        l = torch.arange(self.config.L + 1, dtype=torch.float64, device=coeffs.device)
+        smooth = torch.exp(-l * (l + 1) * self.kl.smoothing ** 2 / 2)
+        coeffs = coeffs * torch.repeat_interleave(smooth, (2 * l + 1).long())
+        f = sh_synthesis(coeffs, nlat, nlon).clamp(min=0)
+        lat, _ = grid_latlon(nlat, nlon, device=f.device)
+        p = f * torch.cos(torch.deg2rad(lat))[None, :, None]
+        return p / p.sum(dim=(1, 2), keepdim=True).clamp(min=1e-300)
+
+    @torch.no_grad()
+    def predict(self, inputs, top_k: int = 1, num_samples: Optional[int] = None, steps: Optional[int] = None,
+                guidance_scale: Optional[float] = None, aggregate: Optional[str] = None, return_map: bool = False,
+                map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0):
+        """Batched inference: returns (coords [N, top_k, 2], scores [N, top_k], maps [N, nlat, nlon]
+        or None) as CPU tensors; rows with fewer distinct modes than top_k are NaN / -inf padded."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        S = self.config.num_samples if num_samples is None else num_samples
+        if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        agg = aggregate or self.config.aggregate
+        if agg not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {agg!r}")
+        cond = self.embed(inputs)
+        if cond.shape[0] == 0:
+            raise ValueError("inputs is empty: pass at least one image or embedding")
+        gen = torch.Generator().manual_seed(seed)
+        out_c, out_s, out_m = [], [], []
+        for i in range(0, cond.shape[0], batch_size):
+            samples = self.sample(cond[i:i + batch_size], S, steps, guidance_scale, gen)
+            c, s = (self._decode_mean if agg == "mean" else self._decode_mode)(samples, top_k)
+            out_c.append(c.cpu())
+            out_s.append(s.cpu())
+            if return_map:
+                out_m.append(self.probability_map(samples, *map_size).cpu())
+        maps = torch.cat(out_m) if return_map else None
+        return torch.cat(out_c), torch.cat(out_s), maps
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: PathLike, weights: Optional[Dict[str, Tensor]] = None) -> Path:
+        """Writes config.json + model.safetensors (+ manifest) atomically.  ``weights`` overrides
+        the state dict (the trainer passes its EMA weights)."""
+        state = weights if weights is not None else self.state_dict()
+        return write_checkpoint(directory, {"model": state}, {"config": self.config.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> "LocDiff":
+        """Loads a model written by ``save_pretrained`` (or a trainer checkpoint directory)."""
+        tensors, docs = read_checkpoint(directory, map_location="cpu")
+        if "config" not in docs or "model" not in tensors:
+            raise CheckpointError(f"{str(directory)!r} holds no LocDiff model (config.json / model.safetensors)")
+        try:
+            config = LocDiffConfig.from_dict(docs["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
+        model = cls(config)
+        try:
+            model.load_state_dict(tensors["model"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{str(directory)!r}: weights do not match config.json: {exc}") from None
+        return model.to(map_location).eval()
+
+
+# ---------------------------------------------------------------------- geolocate
+
+
+def default_model_dir() -> Path:
+    """Where ``locdiff demo`` saves its model and where ``geolocate`` looks when given none:
+    $LOCDIFF_HOME/demo-model, by default ~/.cache/locdiff/demo-model."""
+    home = os.environ.get("LOCDIFF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "locdiff")
+    return Path(home) / "demo-model"
+
+
+_MODEL_CACHE: Dict[Tuple[str, str], LocDiff] = {}
+
+
+def _resolve_model(model, device) -> LocDiff:
+    if isinstance(model, LocDiff):
+        return model.to(device) if device is not None else model
+    path = default_model_dir() if model is None else Path(model)
+    if model is None and not path.exists():
+        raise FileNotFoundError(f"no model given and no demo model at {path}: run `locdiff demo` once to "
+                                "train it, or pass model=<directory written by save_pretrained>")
+    dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    key = (str(path.resolve()), dev)
+    if key not in _MODEL_CACHE:  # loading once per process: repeated calls reuse the weights
+        _MODEL_CACHE[key] = LocDiff.from_pretrained(path, map_location=dev)
+    return _MODEL_CACHE[key]
+
+
+def geolocate(inputs, model: Union[LocDiff, PathLike, None] = None, top_k: int = 1, num_samples: Optional[int] = None,
+              steps: Optional[int] = None, return_map: bool = False, batch_size: int = 64,
+              device: Union[str, torch.device, None] = None, guidance_scale: Optional[float] = None,
+              aggregate: Optional[str] = None, map_size: Tuple[int, int] = (180, 360), seed: int = 0) -> List[Geolocation]:
+    """Where on Earth? One ``Geolocation`` per input, in input order.
+
+    ``inputs``: image paths, PIL images, image tensors ([3, H, W] each or [N, 3, H, W]) through the
+    model's image encoder, or precomputed embeddings [N, D].  ``model``: a LocDiff, a directory
+    written by ``save_pretrained``, or None for the demo model of ``locdiff demo``.  ``num_samples``
+    and ``steps`` default to the model's config; ``seed`` makes the sampling reproducible."""
+    m = _resolve_model(model, device)
+    coords, scores, maps = m.predict(inputs, top_k=top_k, num_samples=num_samples, steps=steps,
+                                     guidance_scale=guidance_scale, aggregate=aggregate, return_map=return_map,
+                                     map_size=map_size, batch_size=batch_size, seed=seed)
+    results = []
+    for i in range(coords.shape[0]):
+        modes = [(float(c[0]), float(c[1]), float(s)) for c, s in zip(coords[i], scores[i]) if not math.isnan(float(c[0]))]
+        best = modes[0] if modes else (float("nan"), float("nan"), float("-inf"))
+        results.append(Geolocation(*best, modes=modes, prob_map=maps[i].numpy() if maps is not None else None))
+    return results
+
+
+__all__ = ["LocDiff", "LocDiffConfig", "Geolocation", "geolocate", "default_model_dir"]

@@ -1,0 +1,148 @@
+"""Checkpoint files: safetensors tensors + JSON, written atomically, verified on load.
+
+A checkpoint is a directory holding ``*.safetensors`` files (tensors only: nothing is ever
+unpickled) and ``*.json`` files, plus ``manifest.json`` with the SHA-256 and size of every other
+file.  It is written into a temporary sibling directory and renamed into place, so a reader never
+sees a half-written checkpoint; loading checks the manifest first, so a truncated or tampered
+file raises ``CheckpointError`` naming the file instead of returning garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+FORMAT = "locdiff-checkpoint/1"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, truncated or was modified after writing."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint(
+    directory: PathLike,
+    tensors: Mapping[str, Mapping[str, Tensor]],
+    documents: Mapping[str, object],
+    overwrite: bool = True,
+) -> Path:
+    """Writes ``{name}.safetensors`` for each entry of ``tensors`` and ``{name}.json`` for each
+    entry of ``documents`` into ``directory``, atomically (temp dir + rename)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        files: Dict[str, dict] = {}
+        for name, group in tensors.items():
+            path = tmp / f"{name}.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
+        for name, doc in documents.items():
+            (tmp / f"{name}.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+        for path in sorted(tmp.iterdir()):
+            files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=2))
+        for path in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if directory.exists():
+            if not overwrite:
+                raise FileExistsError(f"{directory} already exists")
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / "x")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _verified_manifest(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{str(directory)!r} is not a locdiff checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            raise KeyError("format")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{str(mpath)!r} is corrupt or of an unknown format ({exc})") from None
+    for name, meta in files.items():
+        path = directory / name
+        if os.sep in name or name.startswith(".") or not path.is_file():
+            raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+        if path.stat().st_size != meta.get("bytes"):
+            raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or was modified "
+                                  f"(size {path.stat().st_size}, expected {meta.get('bytes')})")
+        if _sha256(path) != meta.get("sha256"):
+            raise CheckpointError(f"checkpoint file {str(path)!r} was modified after it was written "
+                                  "(SHA-256 mismatch)")
+    return files
+
+
+def read_checkpoint(directory: PathLike, map_location: Union[str, torch.device] = "cpu"):
+    """Verifies the manifest, then returns (tensors: {name: {key: Tensor}}, documents: {name: obj})."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    files = _verified_manifest(directory)
+    tensors, documents = {}, {}
+    for fname in files:
+        path = directory / fname
+        if fname.endswith(".safetensors"):
+            try:
+                tensors[fname[: -len(".safetensors")]] = load_file(str(path), device=str(map_location))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint file {str(path)!r} cannot be read: {exc}") from None
+        elif fname.endswith(".json"):
+            try:
+                documents[fname[: -len(".json")]] = json.loads(path.read_text())
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint file {str(path)!r} is not valid JSON: {exc}") from None
+    return tensors, documents
+
+
+def list_checkpoints(root: PathLike, prefix: str = "step_") -> list:
+    """Complete checkpoints (those with a manifest) under ``root``, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(prefix) and (p / MANIFEST).is_file():
+            try:
+                found.append((int(p.name[len(prefix):]), p))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: PathLike) -> Optional[Path]:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None

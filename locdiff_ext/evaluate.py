@@ -1,0 +1,72 @@
+"""Geolocation metrics (design.md section 2) and their tables.
+
+% of predictions within 1 / 25 / 200 / 750 / 2500 km of the truth (great-circle, mean Earth
+radius), median and mean error in km, and the OSV-5M-style GeoScore 5000 exp(-d / 1492.7).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, Iterable, List, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .ops import EARTH_RADIUS_KM
+
+THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+
+
+def great_circle_km(a: Tensor, b: Tensor) -> Tensor:
+    """Haversine distance in km between (lat, lon) degree tensors [..., 2] (float64)."""
+    a = torch.deg2rad(torch.as_tensor(a).to(torch.float64))
+    b = torch.deg2rad(torch.as_tensor(b).to(torch.float64))
+    dlat = b[..., 0] - a[..., 0]
+    dlon = b[..., 1] - a[..., 1]
+    h = torch.sin(dlat / 2) ** 2 + torch.cos(a[..., 0]) * torch.cos(b[..., 0]) * torch.sin(dlon / 2) ** 2
+    return 2.0 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(torch.clamp(h, 0.0, 1.0)))
+
+
+def geolocation_metrics(pred: Tensor, true: Tensor, thresholds: Sequence[float] = THRESHOLDS_KM) -> Dict[str, float]:
+    """Metrics of predictions [N, 2] against ground truth [N, 2] (lat, lon degrees).
+
+    Returns {'n', 'acc_1km', ..., 'acc_2500km' (percent), 'median_km', 'mean_km', 'geoscore'}.
+    A NaN prediction (a decoder with no mode) counts as a miss at every threshold and as the
+    antipodal distance in the mean."""
+    pred, true = torch.as_tensor(pred), torch.as_tensor(true)
+    if pred.shape != true.shape or pred.dim() != 2 or pred.shape[-1] != 2:
+        raise ValueError(f"pred and true must both have shape [N, 2], got {tuple(pred.shape)} and {tuple(true.shape)}")
+    if pred.shape[0] == 0:
+        raise ValueError("pred/true: cannot compute metrics of an empty set")
+    d = great_circle_km(pred, true)
+    d = torch.where(torch.isnan(d), torch.full_like(d, math.pi * EARTH_RADIUS_KM), d)
+    out: Dict[str, float] = {"n": int(d.numel())}
+    for t in thresholds:
+        out[f"acc_{t:g}km"] = 100.0 * float((d <= t).double().mean())
+    out["median_km"] = float(d.median())
+    out["mean_km"] = float(d.mean())
+    out["geoscore"] = float((5000.0 * torch.exp(-d / 1492.7)).mean())
+    return out
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, float]], thresholds: Iterable[float] = THRESHOLDS_KM) -> str:
+    """{method: metrics} -> a Markdown table with one row per method."""
+    thresholds = list(thresholds)
+    head = "| method | " + " | ".join(f"{t:g} km" for t in thresholds) + " | median km | mean km | GeoScore | n |"
+    sep = "|---|" + "---:|" * (len(thresholds) + 4)
+    lines: List[str] = [head, sep]
+    for name, m in rows.items():
+        accs = " | ".join(f"{m[f'acc_{t:g}km']:.1f}" for t in thresholds)
+        lines.append(f"| {name} | {accs} | {m['median_km']:.0f} | {m['mean_km']:.0f} | {m['geoscore']:.0f} | {m['n']} |")
+    return "\n".join(lines)
+
+
+def write_report(path, rows: Mapping[str, Mapping[str, float]], extra: Mapping | None = None) -> None:
+    """Per-run JSON ({'results': rows, ...extra}) at ``path``; the Markdown table beside it (.md)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": rows, **(extra or {})}, indent=2))
+    path.with_suffix(".md").write_text(markdown_table(rows) + "\n")

@@ -1,0 +1,310 @@
+"""Training loop for LocDiff over an (embeddings, coords) dataset.
+
+AdamW with linear warmup + cosine decay, gradient clipping, EMA weights, bf16 autocast on GPU,
+a tqdm bar with loss and learning rate, periodic evaluation of the EMA model on a validation
+split, and checkpoints (safetensors + JSON, atomic, keep last k) from which training resumes
+exactly.  Multi-GPU / multi-node through torch.distributed DDP: launch the same command with
+``torchrun --nproc_per_node=N``; only rank 0 writes.
+
+Reproducibility by construction: every random draw of step s (the batch, timesteps, noise,
+condition dropout and the network's dropout) comes from generators seeded by (seed, s), so a
+resumed run needs no saved RNG state to continue bit-for-bit, and the global batch of step s is
+the same set of rows whatever the number of processes: rank r takes rows r, r + W, ... of it
+(a DistributedSampler-style split of one global order rather than W independent samplers), which
+is why a W-process run matches the 1-process run up to float summation order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .api import LocDiff
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from .data import EmbeddingDataset
+from .evaluate import geolocation_metrics
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    batch_size: int = 256          # global batch (split across DDP processes)
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.01     # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    amp: bool = True               # bf16 autocast on CUDA (ignored on CPU)
+    eval_every: int = 1000         # 0: never
+    eval_size: int = 512           # validation rows used by the periodic evaluation
+    eval_samples: int = 8
+    eval_steps: int = 25
+    checkpoint_every: int = 1000   # 0: only at the end
+    keep_last: int = 3
+    log_every: int = 50
+    seed: int = 0
+    val_fraction: float = 0.05     # used when no validation set is given
+
+    def __post_init__(self):
+        ints = ["steps", "batch_size", "warmup_steps", "eval_every", "eval_size", "eval_samples", "eval_steps",
+                "checkpoint_every", "keep_last", "log_every", "seed"]
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {v!r}")
+        for name in ["steps", "batch_size", "keep_last", "log_every", "eval_samples", "eval_steps"]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1")
+        if not self.lr > 0 or not 0 <= self.ema_decay < 1 or not self.grad_clip >= 0:
+            raise ValueError("TrainConfig: need lr > 0, 0 <= ema_decay < 1, grad_clip >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {unknown}")
+        return cls(**d)
+
+
+def _step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**63 - 1)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from 1 to min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed():
+    """(rank, world_size, device) from torchrun's environment; initialises the process group
+    (NCCL on GPUs, gloo on CPUs) if WORLD_SIZE > 1 and nobody did yet."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer):
+    sd = opt.state_dict()
+    tensors, extra = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                extra[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": extra}
+
+
+def _unflatten_optimizer(tensors: Dict[str, Tensor], doc: Dict) -> Dict:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(doc.get("scalars", {}).items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": doc["param_groups"]}
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data``, writing checkpoints and the final model to ``out_dir``.
+
+    ``out_dir/step_XXXXXXXX/``: trainer checkpoints (EMA weights as ``model``, so that
+    ``LocDiff.from_pretrained`` loads them; raw weights, optimizer and LR state for resuming).
+    ``out_dir/final/``: the EMA model (``save_pretrained``) once training ends."""
+
+    def __init__(self, model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike,
+                 config: Optional[TrainConfig] = None, val_data: Optional[EmbeddingDataset] = None,
+                 progress: bool = True):
+        self.cfg = config or TrainConfig()
+        if train_data.dim != model.config.cond_dim:
+            raise ValueError(f"train_data: embeddings have width {train_data.dim} but the model expects "
+                             f"cond_dim={model.config.cond_dim}")
+        if val_data is None and self.cfg.eval_every:
+            train_data, val_data = train_data.split(self.cfg.val_fraction, self.cfg.seed)
+        if val_data is not None and val_data.dim != model.config.cond_dim:
+            raise ValueError(f"val_data: embeddings have width {val_data.dim}, expected {model.config.cond_dim}")
+        self.rank, self.world, self.device = init_distributed()
+        if self.cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {self.cfg.batch_size} must be divisible by the {self.world} processes")
+        if len(train_data) < self.cfg.batch_size:
+            raise ValueError(f"train_data has {len(train_data)} rows, fewer than batch_size={self.cfg.batch_size}")
+        self.model = model.to(self.device).train()
+        self.train_data, self.val_data = train_data, val_data
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.cond = self._normalize(train_data.embeddings.to(self.device))
+        self.coords = train_data.coords.to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.params = [p for p in self.model.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.cfg))
+        self.denoiser = self.model.net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.denoiser = DDP(self.model.net, device_ids=ids)
+        self.amp_dtype = torch.bfloat16 if (self.cfg.amp and self.device.type == "cuda") else None
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+
+    def _normalize(self, e: Tensor) -> Tensor:
+        return F.normalize(e, dim=-1) if self.model.config.normalize_condition else e
+
+    # ------------------------------------------------------------------ randomness of one step
+    def global_batch(self, step: int) -> Tensor:
+        """Row indices of the global batch of ``step``: consecutive slices of a per-epoch
+        permutation seeded by (seed, epoch); the tail of each epoch that fills no batch is dropped."""
+        n, B = len(self.train_data), self.cfg.batch_size
+        per_epoch = n // B
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(self.cfg.seed, epoch, 1)))
+        return perm[i * B:(i + 1) * B]
+
+    def draws(self, step: int):
+        """(t, noise, drop_mask) for the whole global batch of ``step``."""
+        B, K = self.cfg.batch_size, self.model.shdd.dim
+        g = torch.Generator().manual_seed(_step_seed(self.cfg.seed, step, 2))
+        t = torch.randint(0, self.model.schedule.num_steps, (B,), generator=g)
+        noise = torch.randn(B, K, generator=g)
+        drop = torch.rand(B, generator=g) < self.model.config.cond_drop_prob
+        return t, noise, drop
+
+    # ------------------------------------------------------------------ one optimisation step
+    def train_step(self, step: int) -> Tensor:
+        mine = slice(self.rank, None, self.world)
+        idx = self.global_batch(step)[mine].to(self.device)
+        t, noise, drop = (x[mine].to(self.device) for x in self.draws(step))
+        torch.manual_seed(_step_seed(self.cfg.seed, step, 3 + self.rank))  # the network's dropout
+        loss, _ = self.model.training_loss(self.cond[idx], self.coords[idx], t, noise, drop,
+                                           denoiser=self.denoiser, amp_dtype=self.amp_dtype)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(self.ema.net.parameters(), self.model.net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Metrics of the EMA model on (the first eval_size rows of) the validation set."""
+        val = self.val_data.subset(slice(0, self.cfg.eval_size))
+        coords, _, _ = self.ema.predict(val.embeddings, num_samples=self.cfg.eval_samples,
+                                        steps=self.cfg.eval_steps, seed=self.cfg.seed)
+        return geolocation_metrics(coords[:, 0], val.coords)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Optional[Path]:
+        if self.rank != 0:
+            return None
+        opt_tensors, opt_doc = _flatten_optimizer(self.opt)
+        state = {"step": self.step, "scheduler": self.sched.state_dict(), "optimizer": opt_doc,
+                 "history": self.history, "train_config": asdict(self.cfg), "world_size": self.world}
+        path = write_checkpoint(self.out_dir / f"step_{self.step:08d}",
+                                {"model": self.ema.state_dict(), "train_model": self.model.state_dict(),
+                                 "optimizer": opt_tensors},
+                                {"config": self.model.config.to_dict(), "trainer_state": state})
+        for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: PathLike) -> None:
+        tensors, docs = read_checkpoint(path)
+        try:
+            if docs["config"] != self.model.config.to_dict():
+                raise CheckpointError(f"{str(path)!r} was written for another model config; "
+                                      "use a new out_dir or the same config")
+            st = docs["trainer_state"]
+            self.model.load_state_dict(tensors["train_model"])
+            self.ema.load_state_dict(tensors["model"])
+            self.opt.load_state_dict(_unflatten_optimizer(tensors["optimizer"], st["optimizer"]))
+            self.sched.load_state_dict(st["scheduler"])
+            self.step, self.history = int(st["step"]), list(st["history"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{str(path)!r} is not a usable trainer checkpoint: {exc!r}") from None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = True) -> List[Dict[str, float]]:
+        """Trains to ``config.steps`` (resuming from the newest checkpoint in out_dir if ``resume``)
+        and writes out_dir/final.  Returns the history of logged losses and evaluations."""
+        from tqdm.auto import tqdm
+
+        ckpt = latest_checkpoint(self.out_dir) if resume else None
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and self.rank == 0),
+                   dynamic_ncols=True, desc="train", unit="step")
+        running, count, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
+        while self.step < cfg.steps:
+            running += self.train_step(self.step)
+            count += 1
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                loss = float(running) / count
+                rate = count * cfg.batch_size / (time.perf_counter() - t0)
+                lr = self.sched.get_last_lr()[0]
+                self.history.append({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": rate})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                running.zero_()
+                count, t0 = 0, time.perf_counter()
+            if cfg.eval_every and self.val_data is not None and self.step % cfg.eval_every == 0 and self.rank == 0:
+                m = self.evaluate()
+                self.history.append({"step": self.step, **{f"val_{k}": v for k, v in m.items()}})
+                bar.write(f"step {self.step}: val median {m['median_km']:.0f} km, "
+                          f"200 km {m['acc_200km']:.1f}%, 750 km {m['acc_750km']:.1f}%, 2500 km {m['acc_2500km']:.1f}%")
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.rank == 0:
+            self.ema.save_pretrained(self.out_dir / "final")
+            (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+        if self.world > 1:
+            dist.barrier()
+        return self.history
+
+
+def train(model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike, config: Optional[TrainConfig] = None,
+          val_data: Optional[EmbeddingDataset] = None, resume: bool = True, progress: bool = True) -> LocDiff:
+    """Trains ``model`` and returns its EMA version (also saved to out_dir/final)."""
+    trainer = Trainer(model, train_data, out_dir, config, val_data, progress)
+    trainer.fit(resume=resume)
+    return trainer.ema

@@ -1,0 +1,172 @@
+"""Training: learning a conditional task, exact resume after a kill, DDP equivalence, checkpoints."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import locdiff_ext as ld
+from locdiff_ext.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
+from locdiff_ext.evaluate import great_circle_km
+from locdiff_ext.train import Trainer, TrainConfig, lr_factor
+
+from helpers import REGION_CENTRES, region_dataset, tiny_model
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_conditional_model_learns_eight_regions(tmp_path):
+    """8 classes -> 8 regions: >= 90% of held-out predictions within 750 km of their region, and
+    the logged training loss decreases (smoothed)."""
+    train, _ = region_dataset(4000, seed=1)
+    val, val_cls = region_dataset(200, seed=2)
+    model = ld.LocDiff(ld.LocDiffConfig(cond_dim=16, L=10, widths=(128, 64), time_dim=64, dropout=0.0,
+                                        sample_steps=20, num_samples=8))
+    cfg = TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup_steps=50, eval_every=300, eval_size=64,
+                      eval_samples=4, eval_steps=10, checkpoint_every=0, log_every=50)
+    trainer = Trainer(model, train, tmp_path, cfg, val_data=val, progress=False)
+    history = trainer.fit()
+    coords, scores, _ = trainer.ema.predict(val.embeddings)
+    d = great_circle_km(coords[:, 0], REGION_CENTRES[val_cls])
+    assert (d < 750).double().mean().item() >= 0.9, d
+    assert scores.min() > 0.5 and scores.max() < 1.2, (scores.min(), scores.max())  # ~ the share of samples at the mode
+    losses = torch.tensor([h["loss"] for h in history if "loss" in h])
+    smooth = torch.stack([losses[max(0, i - 2):i + 1].mean() for i in range(len(losses))])
+    assert (smooth[1:] <= smooth[:-1] * 1.02).all(), losses
+    assert losses[-1] < 0.2 * losses[0]
+    evals = [h for h in history if "val_acc_750km" in h]
+    assert [h["step"] for h in evals] == [300, 600] and evals[-1]["val_acc_750km"] >= 90
+    # out_dir holds the last checkpoint, the final EMA model and the history
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000600"]
+    assert (tmp_path / "final" / "model.safetensors").is_file() and (tmp_path / "history.json").is_file()
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.01) and lr_factor(99, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(1.0) and lr_factor(1000, cfg) == pytest.approx(0.1)
+    assert lr_factor(550, cfg) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+_RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from helpers import region_dataset, tiny_model
+    from locdiff_ext.train import Trainer, TrainConfig
+    data, _ = region_dataset(512, seed=3)
+    cfg = TrainConfig(steps={steps}, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=0,
+                      checkpoint_every=100, keep_last=2, log_every=50)
+    Trainer(tiny_model(), data, {out!r}, cfg, progress=False).fit()
+    """
+)
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    """2000 steps straight == a run killed (SIGKILL) after its step-1000 checkpoint, then resumed."""
+    steps = 2000
+    data, _ = region_dataset(512, seed=3)
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=0, checkpoint_every=100,
+                      keep_last=2, log_every=50)
+    straight = Trainer(tiny_model(), data, tmp_path / "straight", cfg, progress=False)
+    straight.fit()
+
+    out = tmp_path / "killed"
+    script = _RESUME_SCRIPT.format(tests=os.path.dirname(__file__), steps=steps, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 300
+    try:
+        while not (out / "step_00001000").exists():
+            assert proc.poll() is None, "the training subprocess ended before its step-1000 checkpoint"
+            assert time.time() < deadline, "no step-1000 checkpoint after 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = latest_checkpoint(out)
+    assert resumed_from is not None and 1000 <= int(resumed_from.name[5:]) < steps
+    assert not (out / "final").exists()
+
+    resumed = Trainer(tiny_model(), data, out, cfg, progress=False)
+    resumed.fit()
+    for a, b in [(straight.model, resumed.model), (straight.ema, resumed.ema)]:
+        wa, wb = _weights(a), _weights(b)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), k
+    assert [h for h in straight.history if h["step"] > 1000 and "loss" in h][-1]["loss"] == \
+        [h for h in resumed.history if "loss" in h][-1]["loss"]
+
+
+def _ddp_worker(rank, world, port, out_root, steps):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import torch.distributed as dist
+
+    from helpers import region_dataset, tiny_model
+
+    data, _ = region_dataset(512, seed=4)
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
+    trainer = Trainer(tiny_model(), data, os.path.join(out_root, f"rank{rank}"), cfg, progress=False)
+    trainer.fit()
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """A 2-process gloo DDP run equals the 1-process run (same global batches) up to float
+    summation order, and only rank 0 writes checkpoints."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    steps = 30
+    data, _ = region_dataset(512, seed=4)
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
+    single = Trainer(tiny_model(), data, tmp_path / "single", cfg, progress=False)
+    single.fit()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), steps), nprocs=2, join=True, start_method="spawn")
+    ddp_weights = read_checkpoint(tmp_path / "rank0" / f"step_{steps:08d}")[0]["train_model"]
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_weights[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert [p.name for p in list_checkpoints(tmp_path / "rank0")] == ["step_00000010", "step_00000020", "step_00000030"]
+    assert not (tmp_path / "rank1").exists() or not any((tmp_path / "rank1").iterdir())
+
+
+def test_trainer_rejects_bad_data(tmp_path):
+    data, _ = region_dataset(64, seed=0)
+    with pytest.raises(ValueError, match="cond_dim"):
+        Trainer(tiny_model(cond_dim=8), data, tmp_path, TrainConfig(steps=1, batch_size=8, eval_every=0))
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(tiny_model(), data, tmp_path, TrainConfig(steps=1, batch_size=128, eval_every=0))
+
+
+def test_resume_refuses_another_config_and_a_tampered_checkpoint(tmp_path):
+    data, _ = region_dataset(128, seed=0)
+    cfg = TrainConfig(steps=4, batch_size=16, eval_every=0, checkpoint_every=2)
+    Trainer(tiny_model(), data, tmp_path, cfg, progress=False).fit()
+    with pytest.raises(CheckpointError, match="another model config"):
+        Trainer(tiny_model(L=5), data, tmp_path, cfg, progress=False).fit()
+    ckpt = latest_checkpoint(tmp_path)
+    blob = bytearray((ckpt / "optimizer.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (ckpt / "optimizer.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="modified"):
+        read_checkpoint(ckpt)
