@@ -159,6 +159,9 @@ def _predict(args) -> int:
 
     from .api import geolocate
 
+    missing = [p for p in args.inputs if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
     model = _load_model(args)
     emb_files = [p for p in args.inputs if Path(p).suffix.lower() in (".npy", ".npz")]
     if emb_files and len(emb_files) != len(args.inputs):
