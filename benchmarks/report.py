@@ -4,6 +4,7 @@ Usage: python benchmarks/report.py bench_basis.json bench_decode.json
 """
 
 import json
+import re
 import sys
 from collections import defaultdict
 
@@ -13,6 +14,9 @@ def impl_name(bench) -> str:
     params = bench.get("params") or {}
     if "refine" in params:
         name += " (refined)" if params["refine"] else " (grid only)"
+    for k, v in params.items():
+        if k not in ("L", "dtype", "refine"):
+            name += f" {k}={v}"
     return name
 
 
@@ -28,7 +32,11 @@ def main(paths):
         cpu = machine.get("cpu", {}).get("brand_raw", "?")
         print(f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} logical CPUs, "
               f"Python {machine.get('python_version', '?')}\n")
-    for group in sorted(groups, key=lambda g: (g.split()[0], int(g.split("L=")[1].split()[0]), g)):
+    def order(g):
+        m = re.search(r"L=(\d+)", g)
+        return g.split()[0], int(m.group(1)) if m else 0, g
+
+    for group in sorted(groups, key=order):
         rows = groups[group]
         ours = [b for b in rows if impl_name(b).startswith("locdiff")]
         base = min((b["stats"]["median"] for b in ours), default=None)

@@ -189,7 +189,8 @@ class LocDiff(nn.Module):
         net = denoiser or self.net
         x0 = self.shdd(coords).to(noise.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
-        with torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
+                torch.profiler.record_function("locdiff.network"):
             pred = net(x_t, t, cond, drop_mask)
         pred = pred.float()
         target = x0 if self.config.prediction == "x0" else noise

@@ -110,7 +110,7 @@ def _train(args) -> int:
     train_config = TrainConfig.from_dict(train_cfg)
     torch.manual_seed(train_config.seed)  # the initial weights, reproducibly
     model = LocDiff(LocDiffConfig.from_dict(model_cfg))
-    trainer = Trainer(model, data, args.out, train_config, val, progress=not args.no_progress)
+    trainer = Trainer(model, data, args.out, train_config, val, progress=not args.no_progress, device=args.device)
     trainer.fit(resume=not args.no_resume)
     if trainer.rank == 0:
         print(f"model saved to {Path(args.out) / 'final'}")
@@ -225,6 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun "
+                                                   "each process takes its LOCAL_RANK's GPU)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)

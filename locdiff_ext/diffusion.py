@@ -104,7 +104,9 @@ class DDIMSampler:
         ts = self.timesteps()
         for i, t in enumerate(ts):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
-            x0, eps = self.schedule.to_x0_eps(fn(x, tt, cond), x, tt, self.prediction)
+            with torch.profiler.record_function("locdiff.network"):
+                pred = fn(x, tt, cond)
+            x0, eps = self.schedule.to_x0_eps(pred, x, tt, self.prediction)
             if self.clip_x0 is not None:
                 x0 = x0.clamp(-self.clip_x0, self.clip_x0)
                 eps = (x - abar_all[t].sqrt() * x0) / (1 - abar_all[t]).sqrt()
@@ -179,8 +181,9 @@ class SHDDKLLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """Mean over the batch of KL(target || pred)."""
-        lt, lp = self.log_probs(target), self.log_probs(pred)
-        return (lt.exp() * (lt - lp)).sum(-1).mean()
+        with torch.profiler.record_function("locdiff.shdd_kl"):
+            lt, lp = self.log_probs(target), self.log_probs(pred)
+            return (lt.exp() * (lt - lp)).sum(-1).mean()
 
 
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -141,7 +141,7 @@ class Trainer:
 
     def __init__(self, model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike,
                  config: Optional[TrainConfig] = None, val_data: Optional[EmbeddingDataset] = None,
-                 progress: bool = True):
+                 progress: bool = True, device: Union[str, torch.device, None] = None):
         self.cfg = config or TrainConfig()
         if train_data.dim != model.config.cond_dim:
             raise ValueError(f"train_data: embeddings have width {train_data.dim} but the model expects "
@@ -151,6 +151,10 @@ class Trainer:
         if val_data is not None and val_data.dim != model.config.cond_dim:
             raise ValueError(f"val_data: embeddings have width {val_data.dim}, expected {model.config.cond_dim}")
         self.rank, self.world, self.device = init_distributed()
+        if device is not None:  # default: this process's GPU if there is one, else the CPU
+            if self.world > 1:
+                raise ValueError("device: under torchrun each process uses its LOCAL_RANK's GPU; do not pass device")
+            self.device = torch.device(device)
         if self.cfg.batch_size % self.world:
             raise ValueError(f"batch_size {self.cfg.batch_size} must be divisible by the {self.world} processes")
         if len(train_data) < self.cfg.batch_size:
@@ -303,8 +307,9 @@ class Trainer:
 
 
 def train(model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike, config: Optional[TrainConfig] = None,
-          val_data: Optional[EmbeddingDataset] = None, resume: bool = True, progress: bool = True) -> LocDiff:
+          val_data: Optional[EmbeddingDataset] = None, resume: bool = True, progress: bool = True,
+          device: Union[str, torch.device, None] = None) -> LocDiff:
     """Trains ``model`` and returns its EMA version (also saved to out_dir/final)."""
-    trainer = Trainer(model, train_data, out_dir, config, val_data, progress)
+    trainer = Trainer(model, train_data, out_dir, config, val_data, progress, device)
     trainer.fit(resume=resume)
     return trainer.ema
