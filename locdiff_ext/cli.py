@@ -1,4 +1,4 @@
-"""Console script ``locdiff``: train | eval | predict | bench (``locdiff <command> --help``).
+"""Console script ``locdiff``: demo | train | eval | predict | bench (``locdiff <command> --help``).
 
 ``train`` reads an (embeddings, coords) file, ``eval`` prints the metrics table of a model on
 one, ``predict`` geolocates images or embedding files, ``bench`` times the kernels and a sampling
@@ -190,6 +190,16 @@ def _predict(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(cfg, out=args.out, progress=not args.no_progress)
+    return 0
+
+
 def _add_inference_flags(p) -> None:
     p.add_argument("--model", help="directory written by save_pretrained or a training out_dir "
                                     "(default: the demo model)")
@@ -244,6 +254,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_inference_flags(p)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="train and evaluate on real satellite images (Blue Marble), offline",
+                       description="Builds the Blue Marble crop dataset, trains the image encoder, LocDiff and the "
+                                   "baselines, prints the table, writes a map PNG and saves the model that "
+                                   "geolocate() and `locdiff predict` use by default.")
+    p.add_argument("--quick", action="store_true", help="the 1-minute version (smaller data, fewer steps)")
+    p.add_argument("--out", help="output directory (default: $LOCDIFF_HOME, else ~/.cache/locdiff)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="time the SH kernels and a sampling step on this machine")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
