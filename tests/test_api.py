@@ -203,7 +203,8 @@ def _cli(*args, check=True):
     return proc
 
 
-def test_cli_train_eval_predict(tmp_path):
+def test_cli_train_eval_predict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root, whose source folder would shadow the installed package
     train, _ = region_dataset(1500, seed=9)
     val, cls = region_dataset(50, seed=10)
     train.save(tmp_path / "train.npz")

@@ -41,8 +41,9 @@ def _cli(*args, env=None):
     import os
 
     full_env = dict(os.environ, **(env or {}))
+    # run outside the repository root, where the source folder would shadow the installed package
     proc = subprocess.run([sys.executable, "-m", "locdiff_ext", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, env=full_env)
+                          timeout=900, env=full_env, cwd=full_env.get("LOCDIFF_HOME"))
     assert proc.returncode == 0, f"locdiff {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -84,7 +84,7 @@ def test_resume_after_kill_is_exact(tmp_path):
 
     out = tmp_path / "killed"
     script = _RESUME_SCRIPT.format(tests=os.path.dirname(__file__), steps=steps, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)  # not the repo root: see _cli
     deadline = time.time() + 300
     try:
         while not (out / "step_00001000").exists():
@@ -126,13 +126,14 @@ def _ddp_worker(rank, world, port, out_root, steps):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     """A 2-process gloo DDP run equals the 1-process run (same global batches) up to float
     summation order, and only rank 0 writes checkpoints."""
     import socket
 
     import torch.multiprocessing as mp
 
+    monkeypatch.chdir(tmp_path)  # spawned workers import from the cwd: not the repo root's source folder
     steps = 30
     data, _ = region_dataset(512, seed=4)
     cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
