@@ -306,11 +306,22 @@ class LocDiff(nn.Module):
         return torch.cat(out_c), torch.cat(out_s), maps
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: PathLike, weights: Optional[Dict[str, Tensor]] = None) -> Path:
-        """Writes config.json + model.safetensors (+ manifest) atomically.  ``weights`` overrides
-        the state dict (the trainer passes its EMA weights)."""
-        state = weights if weights is not None else self.state_dict()
-        return write_checkpoint(directory, {"model": state}, {"config": self.config.to_dict()})
+    def persistent_state_dict(self) -> Dict[str, Tensor]:
+        """The weights that are saved: all but those of an image encoder that is referenced by its
+        config (a CLIP tower in the user's cache) rather than stored."""
+        external = self.image_encoder is not None and not self.image_encoder.stores_weights
+        return {k: v for k, v in self.state_dict().items() if not (external and k.startswith("image_encoder."))}
+
+    def load_persistent_state_dict(self, state: Dict[str, Tensor], source: str = "weights") -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        external = self.image_encoder is not None and not self.image_encoder.stores_weights
+        missing = [k for k in missing if not (external and k.startswith("image_encoder."))]
+        if missing or unexpected:
+            raise CheckpointError(f"{source} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def save_pretrained(self, directory: PathLike) -> Path:
+        """Writes config.json + model.safetensors (+ manifest) atomically."""
+        return write_checkpoint(directory, {"model": self.persistent_state_dict()}, {"config": self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> "LocDiff":
@@ -324,7 +335,7 @@ class LocDiff(nn.Module):
             raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
         model = cls(config)
         try:
-            model.load_state_dict(tensors["model"], strict=True)
+            model.load_persistent_state_dict(tensors["model"], f"{str(directory)!r}: the weights")
         except RuntimeError as exc:
             raise CheckpointError(f"{str(directory)!r}: weights do not match config.json: {exc}") from None
         return model.to(map_location).eval()

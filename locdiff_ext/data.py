@@ -6,6 +6,8 @@ Formats (``load_dataset``):
 - ``.parquet`` with columns ``lat``, ``lon`` and either ``embedding`` (a list column) or
   ``emb_0 .. emb_{D-1}`` (needs pyarrow);
 - ``.npy``: an embeddings file, with ``coords=`` another ``.npy`` of [N, 2] coordinates.
+Image datasets (``read_image_csv``): the CSV layouts of MP16, Im2GPS3k, YFCC4k and GeoCLIP, with the
+images in a folder or a .tar archive; embed them with ``locdiff_ext.embedding_cache.embed_images``.
 Coordinates are (lat, lon) degrees as everywhere in the package (design.md section 2).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -165,3 +167,54 @@ def load_dataset(path: PathLike, coords: Optional[PathLike] = None) -> Embedding
             raise
         raise ValueError(f"data file {str(path)!r} cannot be read: {exc}") from None
     raise ValueError(f"data file {str(path)!r}: unsupported format {suffix!r} (.npz, .npy, .safetensors, .parquet)")
+
+
+def read_image_csv(csv_path: PathLike, image_root: PathLike, check_files: bool = True) -> Tuple[List[str], Tensor, List[str]]:
+    """The usual geolocation CSV layouts (MP16, Im2GPS3k, YFCC4k/26k, GeoCLIP's): an image column
+    (IMG_FILE, IMG_ID, image, image_path, path, file or filename) and latitude / longitude columns
+    (LAT/LON, lat/lon/lng, latitude/longitude), case-insensitive.  ``image_root`` is a folder or a
+    .tar archive.  Returns (image references, coords [N, 2] float64, references of rows whose
+    image is missing, which are dropped)."""
+    import csv
+
+    csv_path, root = Path(csv_path), Path(image_root)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"csv {str(csv_path)!r} does not exist")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = {c.lower(): c for c in (reader.fieldnames or [])}
+
+        def pick(names, what):
+            for n in names:
+                if n in fields:
+                    return fields[n]
+            raise ValueError(f"csv {str(csv_path)!r}: no {what} column (looked for {names}; found {list(fields.values())})")
+
+        icol = pick(["img_file", "img_id", "image", "image_path", "path", "file", "filename"], "image")
+        latc = pick(["lat", "latitude"], "latitude")
+        lonc = pick(["lon", "lng", "long", "longitude"], "longitude")
+        rows = [(r[icol], r[latc], r[lonc]) for r in reader]
+    if not rows:
+        raise ValueError(f"csv {str(csv_path)!r} has no rows")
+    try:
+        coords = validate_coords(torch.tensor([[float(a), float(b)] for _, a, b in rows], dtype=torch.float64),
+                                 f"coordinates in {csv_path.name}")
+    except ValueError as exc:
+        raise ValueError(f"csv {str(csv_path)!r}: {exc}") from None
+    if root.suffix == ".tar" or str(root).endswith((".tar.gz", ".tgz")):
+        import tarfile
+
+        if not root.is_file():
+            raise FileNotFoundError(f"image archive {str(root)!r} does not exist")
+        with tarfile.open(root) as tar:
+            members = set(tar.getnames()) if check_files else None
+        refs = [f"{root}::{name}" for name, _, _ in rows]
+        present = [members is None or name in members for name, _, _ in rows]
+    else:
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        refs = [str(root / name) for name, _, _ in rows]
+        present = [not check_files or os.path.isfile(r) for r in refs]
+    keep = torch.tensor(present)
+    missing = [r for r, ok in zip(refs, present) if not ok]
+    return [r for r, ok in zip(refs, present) if ok], coords[keep], missing

@@ -238,7 +238,8 @@ class Trainer:
         state = {"step": self.step, "scheduler": self.sched.state_dict(), "optimizer": opt_doc,
                  "history": self.history, "train_config": asdict(self.cfg), "world_size": self.world}
         path = write_checkpoint(self.out_dir / f"step_{self.step:08d}",
-                                {"model": self.ema.state_dict(), "train_model": self.model.state_dict(),
+                                {"model": self.ema.persistent_state_dict(),
+                                 "train_model": self.model.persistent_state_dict(),
                                  "optimizer": opt_tensors},
                                 {"config": self.model.config.to_dict(), "trainer_state": state})
         for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_last]:
@@ -252,8 +253,8 @@ class Trainer:
                 raise CheckpointError(f"{str(path)!r} was written for another model config; "
                                       "use a new out_dir or the same config")
             st = docs["trainer_state"]
-            self.model.load_state_dict(tensors["train_model"])
-            self.ema.load_state_dict(tensors["model"])
+            self.model.load_persistent_state_dict(tensors["train_model"], f"{str(path)!r}: train_model")
+            self.ema.load_persistent_state_dict(tensors["model"], f"{str(path)!r}: model")
             self.opt.load_state_dict(_unflatten_optimizer(tensors["optimizer"], st["optimizer"]))
             self.sched.load_state_dict(st["scheduler"])
             self.step, self.history = int(st["step"]), list(st["history"])

@@ -58,3 +58,21 @@ def tiny_model(cond_dim=16, L=4, seed=0, **kw):
     cfg = dict(cond_dim=cond_dim, L=L, widths=(32, 16), time_dim=16, dropout=0.0, sample_steps=5, num_samples=4)
     cfg.update(kw)
     return ld.LocDiff(ld.LocDiffConfig(**cfg))
+
+
+def ddp_train_worker(rank, world, port, out_root, steps):
+    """One process of the 2-process DDP test (a module-level function here, so that spawned
+    workers can import it by name: helpers is on their sys.path, the tests package is not)."""
+    import os
+
+    import torch.distributed as dist
+
+    from locdiff_ext.train import Trainer, TrainConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    data, _ = region_dataset(512, seed=4)
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
+    Trainer(tiny_model(), data, os.path.join(out_root, f"rank{rank}"), cfg, progress=False).fit()
+    dist.destroy_process_group()

@@ -15,7 +15,7 @@ from locdiff_ext.checkpoint import CheckpointError, latest_checkpoint, list_chec
 from locdiff_ext.evaluate import great_circle_km
 from locdiff_ext.train import Trainer, TrainConfig, lr_factor
 
-from helpers import REGION_CENTRES, region_dataset, tiny_model
+from helpers import REGION_CENTRES, ddp_train_worker, region_dataset, tiny_model
 
 
 def _weights(model):
@@ -110,22 +110,6 @@ def test_resume_after_kill_is_exact(tmp_path):
         [h for h in resumed.history if "loss" in h][-1]["loss"]
 
 
-def _ddp_worker(rank, world, port, out_root, steps):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    sys.path.insert(0, os.path.dirname(__file__))
-    import torch.distributed as dist
-
-    from helpers import region_dataset, tiny_model
-
-    data, _ = region_dataset(512, seed=4)
-    cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
-    trainer = Trainer(tiny_model(), data, os.path.join(out_root, f"rank{rank}"), cfg, progress=False)
-    trainer.fit()
-    dist.destroy_process_group()
-
-
 def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     """A 2-process gloo DDP run equals the 1-process run (same global batches) up to float
     summation order, and only rank 0 writes checkpoints."""
@@ -143,7 +127,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), steps), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(ddp_train_worker, args=(2, port, str(tmp_path), steps), nprocs=2, join=True, start_method="spawn")
     ddp_weights = read_checkpoint(tmp_path / "rank0" / f"step_{steps:08d}")[0]["train_model"]
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp_weights[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,58 @@
+"""Recipe 3/3: evaluate a trained model on Im2GPS3k (or any dataset file), with LocDiff-H and the
+kNN retrieval baseline over the training gallery, next to the paper's numbers.
+
+    python python/evaluate.py --model runs/mp16/final --data data/im2gps3k.safetensors \
+        --gallery data/mp16.safetensors --json results/im2gps3k.json
+"""
+
+import argparse
+
+import torch
+
+from locdiff_ext import LocDiff
+from locdiff_ext.baselines import KNNRetrieval, locdiff_h
+from locdiff_ext.data import load_dataset
+from locdiff_ext.evaluate import geolocation_metrics, markdown_table, write_report
+
+# % within 1 / 25 / 200 / 750 / 2500 km on Im2GPS3k as published (shared/paper-notes.md)
+PAPER_IM2GPS3K = {
+    "LocDiff (paper)": (10.9, 34.0, 53.3, 72.5, 85.2),
+    "LocDiff-H (paper)": (15.3, 36.5, 56.4, 75.2, 87.4),
+    "GeoCLIP (paper)": (14.11, 34.47, 50.65, 69.67, 83.82),
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--gallery", default=None, help="training dataset file: enables LocDiff-H and kNN")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LocDiff.from_pretrained(args.model, map_location=device)
+    data = load_dataset(args.data)
+    modes, _, _ = model.predict(data.embeddings, num_samples=args.num_samples, steps=args.steps,
+                                batch_size=args.batch_size)
+    rows = {"LocDiff (ours)": geolocation_metrics(modes[:, 0], data.coords)}
+    if args.gallery:
+        g = load_dataset(args.gallery)
+        rows["LocDiff-H (ours)"] = geolocation_metrics(
+            locdiff_h(modes[:, 0], data.embeddings, g.embeddings, g.coords, model.lobe_km), data.coords)
+        rows["kNN retrieval (ours)"] = geolocation_metrics(KNNRetrieval(g.embeddings, g.coords).predict(data.embeddings),
+                                                           data.coords)
+    print(markdown_table(rows))
+    print("\nPublished on Im2GPS3k (% within 1 / 25 / 200 / 750 / 2500 km):")
+    for name, accs in PAPER_IM2GPS3K.items():
+        print(f"  {name}: " + " / ".join(f"{a:g}" for a in accs))
+    if args.json:
+        write_report(args.json, rows, {"model": args.model, "data": args.data, "paper_im2gps3k": PAPER_IM2GPS3K})
+
+
+if __name__ == "__main__":
+    main()
