@@ -132,6 +132,30 @@ def locdiff_h(modes: Tensor, query_emb: Tensor, gallery_emb: Tensor, gallery_coo
     return out
 
 
-__all__ = ["KNNRetrieval", "GridClassifier", "UnitVectorRegressor", "locdiff_h", "fibonacci_cells",
+def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0) -> dict:
+    """The three baselines fitted on (embeddings, coords): {'knn', 'grid', 'regression'}."""
+    emb_n = F.normalize(emb.float(), dim=-1)
+    return {"knn": KNNRetrieval(emb, coords), "grid": GridClassifier(steps=steps, seed=seed).fit(emb_n, coords),
+            "regression": UnitVectorRegressor(steps=steps, seed=seed).fit(emb_n, coords)}
+
+
+def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
+                    truth: Tensor, seed: int = 0) -> dict:
+    """{method: metrics} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines."""
+    from .evaluate import geolocation_metrics
+
+    modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed)
+    qn = F.normalize(queries.float(), dim=-1)
+    grid = baselines["grid"]
+    return {
+        "LocDiff": geolocation_metrics(modes[:, 0], truth),
+        "LocDiff-H": geolocation_metrics(locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km), truth),
+        "kNN retrieval (top-1)": geolocation_metrics(baselines["knn"].predict(queries), truth),
+        f"grid classification ({len(grid.cells)} cells)": geolocation_metrics(grid.predict(qn), truth),
+        "unit-vector regression": geolocation_metrics(baselines["regression"].predict(qn), truth),
+    }
+
+
+__all__ = ["fit_baselines", "compare_methods", "KNNRetrieval", "GridClassifier", "UnitVectorRegressor", "locdiff_h", "fibonacci_cells",
            "latlon_to_xyz", "xyz_to_latlon"]
 

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from .api import LocDiff, LocDiffConfig, default_model_dir
-from .baselines import GridClassifier, KNNRetrieval, UnitVectorRegressor, fibonacci_cells, latlon_to_xyz, locdiff_h
+from .baselines import compare_methods, fibonacci_cells, fit_baselines, latlon_to_xyz
 from .bluemarble import BlueMarbleCrops, build_dataset
 from .data import EmbeddingDataset
 from .encoders import SmallCNNEncoder
-from .evaluate import geolocation_metrics, markdown_table
+from .evaluate import markdown_table
 from .train import Trainer, TrainConfig
 
 
@@ -159,9 +159,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                       progress=progress, device="cpu" if not torch.cuda.is_available() else None)
     trainer.fit(resume=False)
     locdiff = trainer.ema.cpu().eval()
-    knn = KNNRetrieval(emb[tr], coords[tr])
-    grid = GridClassifier(steps=cfg.baseline_steps, seed=cfg.seed).fit(F.normalize(emb[tr], dim=-1), coords[tr])
-    reg = UnitVectorRegressor(steps=cfg.baseline_steps, seed=cfg.seed).fit(F.normalize(emb[tr], dim=-1), coords[tr])
+    baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
     timings["training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -170,17 +168,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     examples = {}
     for split, n in [("test_region", cfg.eval_region), ("test_random", cfg.eval_random)]:
         idx = _eval_subset(data.splits[split], n, cfg.seed)
-        q, truth = emb[idx], coords[idx]
-        modes, _, _ = locdiff.predict(q, top_k=1, seed=cfg.seed)
-        qn = F.normalize(q, dim=-1)
-        rows = {
-            "LocDiff": geolocation_metrics(modes[:, 0], truth),
-            "LocDiff-H": geolocation_metrics(locdiff_h(modes[:, 0], q, emb[tr], coords[tr], locdiff.lobe_km), truth),
-            "kNN retrieval (top-1)": geolocation_metrics(knn.predict(q), truth),
-            f"grid classification ({len(grid.cells)} cells)": geolocation_metrics(grid.predict(qn), truth),
-            "unit-vector regression": geolocation_metrics(reg.predict(qn), truth),
-        }
-        results[split] = rows
+        results[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx], cfg.seed)
         examples[split] = idx
     timings["evaluation_s"] = time.perf_counter() - t
 
