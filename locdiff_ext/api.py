@@ -7,8 +7,10 @@ modes.  Aggregation 'mean' (default) averages the sampled SHDD vectors and decod
 mean of Diracs is a kernel density estimate of the samples, so its modes are where samples
 concentrate, top-k alternatives come out naturally, and one decode per input replaces S.  'mode'
 decodes every sample and returns the densest sample clusters (robust when samples are few).
-Scores are in [0, 1]: the share of the samples' mass at the mode (f(mode) / the peak of one
-Dirac for 'mean'; the fraction of samples within one main lobe for 'mode').
+Scores are in [0, 1]: how much of the prediction lies within one main-lobe width (pi/(L+1) of
+arc) of the mode: for 'mean', the predicted map's mass there relative to that of a single Dirac
+(1 when all samples agree, 0.5 when half of the mass is elsewhere); for 'mode', the fraction of
+samples there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .baselines import latlon_to_xyz
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .data import validate_embeddings
 from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
@@ -60,13 +63,13 @@ class LocDiffConfig:
     loss: str = "shdd_kl"                           # 'shdd_kl' (+ mse_weight * MSE) or 'mse'
     kl_temperature: float = 0.05
     kl_smoothing: Optional[float] = None            # radians (default 3/L), see SHDDKLLoss
-    mse_weight: float = 0.1
+    mse_weight: float = 1.0                         # MSE added to SHDD-KL (far-off predictions need it)
     cond_drop_prob: float = 0.1                     # condition dropout (classifier-free guidance)
     sampler: str = "ddim"
     sample_steps: int = 25
     eta: float = 0.0
     num_samples: int = 16
-    guidance_scale: float = 1.0
+    guidance_scale: Optional[float] = None          # None: 2.0 if trained with condition dropout, else 1.0
     aggregate: str = "mean"
     image_encoder: Optional[Dict[str, Any]] = None  # config of the image encoder, if any
 
@@ -145,6 +148,7 @@ class LocDiff(nn.Module):
                 raise ValueError(f"image_encoder: output width {image_encoder.dim} != cond_dim {config.cond_dim}")
             config.image_encoder = image_encoder.config
         self.image_encoder = image_encoder
+        self._dirac_mass: Optional[float] = None
 
     @property
     def device(self) -> torch.device:
@@ -212,7 +216,7 @@ class LocDiff(nn.Module):
     def sample(self, cond: Tensor, num_samples: int, steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                generator: Optional[torch.Generator] = None) -> Tensor:
         """Scaled SHDD samples [B, S, K] for conditioned embeddings ``cond`` [B, D]."""
-        g = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        g = self.default_guidance if guidance_scale is None else float(guidance_scale)
         if g != 1.0 and self.config.cond_drop_prob == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cond_drop_prob > 0 "
                              "(its unconditional branch is untrained)")
@@ -227,9 +231,33 @@ class LocDiff(nn.Module):
             self.net.train(was_training)
         return x.reshape(B, num_samples, -1)
 
+    @property
+    def default_guidance(self) -> float:
+        """The config's guidance_scale, or 2.0 for a model trained with condition dropout (it improved
+        every benchmark in BENCHMARKS.md), 1.0 without (its unconditional branch is untrained)."""
+        if self.config.guidance_scale is not None:
+            return float(self.config.guidance_scale)
+        return 2.0 if self.config.cond_drop_prob > 0 else 1.0
+
+    def _lobe_mass(self, samples: Tensor, coords: Tensor) -> Tensor:
+        """Probability mass of the (smoothed) sample mean within one main-lobe width of each
+        coordinate: samples [B, S, K], coords [B, k, 2] -> [B, k]."""
+        nlat = 2 * self.config.L + 2  # cells of half the main lobe
+        p = self.probability_map(samples, nlat, 2 * nlat).reshape(samples.shape[0], -1)
+        lat, lon = grid_latlon(nlat, 2 * nlat, device=p.device)
+        cells = torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
+        near = latlon_to_xyz(coords.to(p)) @ latlon_to_xyz(cells.to(p)).T >= math.cos(math.pi / (self.config.L + 1))
+        return (near * p[:, None, :]).sum(-1)
+
     def _decode_mean(self, samples: Tensor, top_k: int) -> Tuple[Tensor, Tensor]:
-        coords, values = self.decoder(samples.mean(dim=1).double(), top_k)
-        return coords, values / self.dirac_peak
+        coords, _ = self.decoder(samples.mean(dim=1).double(), top_k)
+        if self._dirac_mass is None:  # the most a prediction can hold within one lobe at this L
+            at = torch.zeros(1, 1, 2, dtype=torch.float64, device=samples.device)
+            self._dirac_mass = float(self._lobe_mass(self.shdd(at[0]).float()[None], at))
+        scores = (self._lobe_mass(samples, coords) / self._dirac_mass).clamp(max=1.0)
+        scores = torch.where(torch.isnan(coords[..., 0]), torch.full_like(scores, float("-inf")), scores)
+        order = scores.argsort(dim=1, descending=True, stable=True)  # best first by probability mass
+        return coords.gather(1, order[..., None].expand(-1, -1, 2).to(coords.device)), scores.gather(1, order)
 
     def _decode_mode(self, samples: Tensor, top_k: int) -> Tuple[Tensor, Tensor]:
         B, S, _ = samples.shape
@@ -249,13 +277,6 @@ class LocDiff(nn.Module):
             scores[ok, k] = counts[rows, best][ok].double() / S
             free &= ~near[rows, best]
         return coords, scores
-
-    @property
-    def dirac_peak(self) -> float:
-        """f at the centre of one encoded Dirac (unscaled): sum_l (2l+1) w_l / (4 pi)."""
-        w = self.shdd.weights.double() if self.shdd.weights.numel() else torch.ones(self.config.L + 1, dtype=torch.float64)
-        l = torch.arange(self.config.L + 1, dtype=torch.float64)
-        return float(((2 * l + 1) * w).sum()) / (4 * math.pi)
 
     @property
     def lobe_km(self) -> float:

@@ -89,7 +89,7 @@ def pretrain_encoder(data: BlueMarbleCrops, cfg: DemoConfig, progress: bool = Tr
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=steps, desc="encoder", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="encoder", unit="step", disable=None if progress else True, dynamic_ncols=True)  # None: only on a terminal
     enc.train()
     for _ in range(cfg.encoder_epochs):
         perm = torch.randperm(len(train), generator=g)

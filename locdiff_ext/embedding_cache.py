@@ -71,7 +71,7 @@ def embed_images(encoder: ImageEncoder, images: Sequence[PathLike], out_dir: Pat
     n_shards = (len(refs) + shard_size - 1) // shard_size
     todo = [k for k in range(n_shards) if not (out / f"shard_{k:05d}.safetensors").is_file()]
     done_rows = sum(min(shard_size, len(refs) - k * shard_size) for k in range(n_shards) if k not in set(todo))
-    bar = tqdm(total=len(refs), initial=done_rows, desc="embedding", unit="img", disable=not progress,
+    bar = tqdm(total=len(refs), initial=done_rows, desc="embedding", unit="img", disable=None if progress else True,
                dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for k in todo:

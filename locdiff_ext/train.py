@@ -275,7 +275,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and self.rank == 0),
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (self.progress and self.rank == 0) else True,
                    dynamic_ncols=True, desc="train", unit="step")
         running, count, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
         while self.step < cfg.steps:

@@ -60,7 +60,7 @@ def embed_texts(texts, batch_size: int = 256):
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="MiniLM", unit="batch"):
+    for i in tqdm(range(0, len(texts), batch_size), desc="MiniLM", unit="batch", disable=None):
         b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
         h = model(**b).last_hidden_state
         m = b["attention_mask"][..., None].float()

