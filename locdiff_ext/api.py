@@ -15,12 +15,11 @@ samples there.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from .encoders import ImageEncoder, build_image_encoder
 from .evaluate import great_circle_km
 from .model import CSUNet, CSUNetConfig
 from .ops import EARTH_RADIUS_KM, grid_latlon, sh_synthesis
-from .shdd import SHDDDecoder, SHDDEncoder, degree_weights
+from .shdd import SHDDDecoder, SHDDEncoder
 
 PathLike = Union[str, os.PathLike]
 LOSSES = ("shdd_kl", "mse")

@@ -4,7 +4,6 @@ tar), LocDiff with a referenced CLIP tower, and the python/ recipes end to end (
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import tarfile
