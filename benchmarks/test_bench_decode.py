@@ -48,8 +48,7 @@ def test_locdiff(benchmark, batch, L, refine):
 @pytest.mark.parametrize("L", DEGREES)
 def test_dense(benchmark, batch, L):
     nlat, nlon = _grid(L)
-    lat, lon = ld.grid_latlon(nlat, nlon)
-    grid = torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
+    grid = ld.ops.grid_points(nlat, nlon)
     basis = ld.sh_basis(grid.float(), L)  # [G, K] precomputed, not timed
     x = ld.shdd_encode(batch.float(), L)
     benchmark.group = f"shdd_decode L={L} B={B}"

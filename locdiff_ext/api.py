@@ -33,7 +33,7 @@ from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHD
 from .encoders import ImageEncoder, build_image_encoder
 from .evaluate import great_circle_km
 from .model import CSUNet, CSUNetConfig
-from .ops import EARTH_RADIUS_KM, grid_latlon, sh_synthesis
+from .ops import EARTH_RADIUS_KM, _check_int, grid_latlon, grid_points, sh_synthesis
 from .shdd import SHDDDecoder, SHDDEncoder
 
 PathLike = Union[str, os.PathLike]
@@ -243,8 +243,7 @@ class LocDiff(nn.Module):
         coordinate: samples [B, S, K], coords [B, k, 2] -> [B, k]."""
         nlat = 2 * self.config.L + 2  # cells of half the main lobe
         p = self.probability_map(samples, nlat, 2 * nlat).reshape(samples.shape[0], -1)
-        lat, lon = grid_latlon(nlat, 2 * nlat, device=p.device)
-        cells = torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
+        cells = grid_points(nlat, 2 * nlat, device=p.device)
         near = latlon_to_xyz(coords.to(p)) @ latlon_to_xyz(cells.to(p)).T >= math.cos(math.pi / (self.config.L + 1))
         return (near * p[:, None, :]).sum(-1)
 
@@ -300,13 +299,9 @@ class LocDiff(nn.Module):
                 map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0):
         """Batched inference: returns (coords [N, top_k, 2], scores [N, top_k], maps [N, nlat, nlon]
         or None) as CPU tensors; rows with fewer distinct modes than top_k are NaN / -inf padded."""
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        S = self.config.num_samples if num_samples is None else num_samples
-        if isinstance(S, bool) or not isinstance(S, int) or S < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        _check_int(top_k, "top_k", 1)
+        S = _check_int(self.config.num_samples if num_samples is None else num_samples, "num_samples", 1)
+        _check_int(batch_size, "batch_size", 1)
         agg = aggregate or self.config.aggregate
         if agg not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {agg!r}")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import grid_latlon, sh_basis
+from .ops import grid_points, sh_basis
 
 PREDICTIONS = ("epsilon", "x0")
 
@@ -162,8 +162,7 @@ class SHDDKLLoss(nn.Module):
         key = str(device)
         if key not in self._tables:
             L = self.L
-            lat, lon = grid_latlon(self.nlat, self.nlon)
-            grid = torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
+            grid = grid_points(self.nlat, self.nlon)
             l = torch.arange(L + 1, dtype=torch.float64)
             smooth = torch.exp(-l * (l + 1) * self.smoothing ** 2 / 2)
             v = torch.ones(L + 1, dtype=torch.float64) if self.weights is None else self.weights

@@ -26,6 +26,7 @@ __all__ = [
     "sh_synthesis",
     "shdd_decode",
     "grid_latlon",
+    "grid_points",
     "num_coeffs",
     "degree_from_num_coeffs",
     "EARTH_RADIUS_KM",
@@ -57,6 +58,13 @@ def grid_latlon(nlat: int, nlon: int, dtype=torch.float64, device=None) -> Tuple
     j = torch.arange(nlat, dtype=dtype, device=device)
     k = torch.arange(nlon, dtype=dtype, device=device)
     return 90.0 - (j + 0.5) * 180.0 / nlat, -180.0 + (k + 0.5) * 360.0 / nlon
+
+
+def grid_points(nlat: int, nlon: int, dtype=torch.float64, device=None) -> Tensor:
+    """The cells of ``grid_latlon(nlat, nlon)`` as (lat, lon) points [nlat * nlon, 2], row-major
+    (the flattening of ``sh_synthesis``'s [nlat, nlon] maps)."""
+    lat, lon = grid_latlon(nlat, nlon, dtype=dtype, device=device)
+    return torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
 
 
 def _device_index(t: Tensor) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .evaluate import great_circle_km  # noqa: F401  (re-exported: tests and benchmarks use it from here)
-from .ops import grid_latlon, num_coeffs
+from .ops import grid_points, num_coeffs
 
 
 def legendre_normalized(L: int, x: Tensor) -> dict:
@@ -69,8 +69,7 @@ def shdd_encode_ref(coords: Tensor, L: int, weights: Tensor | None = None) -> Te
 def sh_synthesis_ref(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     """Dense synthesis: basis at every grid point times the coefficients -> [B, nlat, nlon]."""
     L = math.isqrt(coeffs.shape[-1]) - 1
-    lat, lon = grid_latlon(nlat, nlon, device=coeffs.device)
-    g = torch.stack(torch.meshgrid(lat, lon, indexing="ij"), dim=-1).reshape(-1, 2)
+    g = grid_points(nlat, nlon, device=coeffs.device)
     Y = sh_basis_ref(g, L)
     return (coeffs.to(torch.float64) @ Y.T).reshape(coeffs.shape[0], nlat, nlon)
 
