@@ -34,6 +34,7 @@ from .encoders import ImageEncoder, build_image_encoder
 from .evaluate import great_circle_km
 from .model import CSUNet, CSUNetConfig
 from .ops import EARTH_RADIUS_KM, _check_int, grid_latlon, grid_points, sh_synthesis
+from .retrieval import Gallery, neighbour_features, sample_holdout_km
 from .shdd import SHDDDecoder, SHDDEncoder
 
 PathLike = Union[str, os.PathLike]
@@ -70,6 +71,9 @@ class LocDiffConfig:
     num_samples: int = 16
     guidance_scale: Optional[float] = None          # None: 2.0 if trained with condition dropout, else 1.0
     aggregate: str = "mean"
+    retrieval_k: int = 0                            # > 0: condition on the k most similar gallery entries
+    retrieval_holdout_km: float = 1000.0            # training hold-out radii up to this (locdiff_ext.retrieval)
+    retrieval_temperature: float = 0.03             # softmax temperature of the neighbours' density prior
     image_encoder: Optional[Dict[str, Any]] = None  # config of the image encoder, if any
 
     def __post_init__(self):
@@ -85,6 +89,9 @@ class LocDiffConfig:
             (0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob must be in [0, 1)"),
             (self.mse_weight >= 0, "mse_weight must be >= 0"),
             (isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples must be an int >= 1"),
+            (isinstance(self.retrieval_k, int) and self.retrieval_k >= 0, "retrieval_k must be an int >= 0"),
+            (self.retrieval_holdout_km >= 1.0, "retrieval_holdout_km must be >= 1"),
+            (self.retrieval_temperature > 0, "retrieval_temperature must be > 0"),
             (isinstance(self.sample_steps, int) and 1 <= self.sample_steps <= self.train_timesteps,
              "sample_steps must be an int in [1, train_timesteps]"),
         ]
@@ -133,9 +140,11 @@ class LocDiff(nn.Module):
         self.config = config
         self.shdd = SHDDEncoder(config.L, config.weighting, config.taper_sigma)
         self.decoder = SHDDDecoder(self.shdd)
-        self.net = CSUNet(CSUNetConfig(dim=self.shdd.dim, cond_dim=config.cond_dim, widths=config.widths,
+        k = config.retrieval_k
+        self.net = CSUNet(CSUNetConfig(dim=self.shdd.dim, cond_dim=config.cond_dim + k, widths=config.widths,
                                        time_dim=config.time_dim, w0_initial=config.w0_initial, w0=config.w0,
-                                       dropout=config.dropout))
+                                       dropout=config.dropout, prior_dim=2 * self.shdd.dim if k else 0))
+        self.gallery = Gallery(config.cond_dim) if k else None
         self.schedule = NoiseSchedule(config.schedule, config.train_timesteps)
         weights = self.shdd.weights if self.shdd.weights.numel() else None
         self.kl = SHDDKLLoss(config.L, self.shdd.scale, weights, temperature=config.kl_temperature,
@@ -181,6 +190,27 @@ class LocDiff(nn.Module):
         with torch.no_grad():
             return self.condition(self.image_encoder(pixels))
 
+    def set_gallery(self, embeddings, coords) -> "LocDiff":
+        """The reference (embedding, location) pairs a retrieval-conditioned model (retrieval_k > 0)
+        looks up; usually its training data (the Trainer sets that when the gallery is empty)."""
+        if self.gallery is None:
+            raise ValueError("set_gallery: this model has retrieval_k=0 (no gallery)")
+        self.gallery.set(embeddings, coords)
+        return self
+
+    def _net_condition(self, cond: Tensor, coords: Optional[Tensor] = None) -> Tensor:
+        """What the denoiser is conditioned on: the embeddings, plus for a retrieval-conditioned model
+        its neighbours' features and prior (locdiff_ext.retrieval); given the true ``coords``
+        (training), neighbours within a random hold-out radius of them are hidden."""
+        if self.gallery is None:
+            return cond
+        k = self.config.retrieval_k
+        holdout = None if coords is None else sample_holdout_km(cond.shape[0], self.config.retrieval_holdout_km)
+        sims, nb = self.gallery.search(F.normalize(cond.float(), dim=-1), k, coords, holdout)
+        feats, prior = neighbour_features(sims.to(cond.device), nb.to(cond.device), self.shdd,
+                                          self.config.retrieval_temperature)
+        return torch.cat([cond.float(), feats, prior], dim=-1)
+
     # ------------------------------------------------------------------ training
     def training_loss(self, cond: Tensor, coords: Tensor, t: Tensor, noise: Tensor,
                       drop_mask: Optional[Tensor] = None, denoiser: Optional[nn.Module] = None,
@@ -190,6 +220,7 @@ class LocDiff(nn.Module):
         so that they are reproducible); ``denoiser`` defaults to ``self.net`` (DDP passes its wrapper).
         With ``amp_dtype`` the network runs under autocast; the loss is always computed in float32."""
         net = denoiser or self.net
+        cond = self._net_condition(cond, coords)
         x0 = self.shdd(coords).to(noise.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
         with torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
@@ -220,7 +251,7 @@ class LocDiff(nn.Module):
             raise ValueError("guidance_scale != 1 needs a model trained with cond_drop_prob > 0 "
                              "(its unconditional branch is untrained)")
         B = cond.shape[0]
-        rep = cond.repeat_interleave(num_samples, dim=0)
+        rep = self._net_condition(cond).repeat_interleave(num_samples, dim=0)
         was_training = self.net.training
         self.net.eval()
         try:
@@ -328,6 +359,8 @@ class LocDiff(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not (external and k.startswith("image_encoder."))}
 
     def load_persistent_state_dict(self, state: Dict[str, Tensor], source: str = "weights") -> None:
+        if self.gallery is not None:
+            self.gallery.resize_like(state, "gallery.")
         missing, unexpected = self.load_state_dict(state, strict=False)
         external = self.image_encoder is not None and not self.image_encoder.stores_weights
         missing = [k for k in missing if not (external and k.startswith("image_encoder."))]

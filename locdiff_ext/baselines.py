@@ -141,15 +141,18 @@ def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0)
 
 def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
                     truth: Tensor, seed: int = 0) -> dict:
-    """{method: metrics} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines."""
+    """{method: metrics} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines; a
+    retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'."""
     from .evaluate import geolocation_metrics
 
     modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed)
     qn = F.normalize(queries.float(), dim=-1)
     grid = baselines["grid"]
+    k = locdiff.config.retrieval_k
+    name, name_h = ("LocDiff", "LocDiff-H") if k == 0 else (f"LocDiff-R (k={k})", "LocDiff-R + H")
     return {
-        "LocDiff": geolocation_metrics(modes[:, 0], truth),
-        "LocDiff-H": geolocation_metrics(locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km), truth),
+        name: geolocation_metrics(modes[:, 0], truth),
+        name_h: geolocation_metrics(locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km), truth),
         "kNN retrieval (top-1)": geolocation_metrics(baselines["knn"].predict(queries), truth),
         f"grid classification ({len(grid.cells)} cells)": geolocation_metrics(grid.predict(qn), truth),
         "unit-vector regression": geolocation_metrics(baselines["regression"].predict(qn), truth),

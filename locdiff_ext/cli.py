@@ -194,6 +194,10 @@ def _demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.retrieval_k is not None:
+        if args.retrieval_k < 0:
+            raise ValueError(f"--retrieval-k must be >= 0, got {args.retrieval_k}")
+        cfg.retrieval_k = args.retrieval_k
     if args.threads:
         torch.set_num_threads(args.threads)
     run_demo(cfg, out=args.out, progress=not args.no_progress)
@@ -262,6 +266,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="the 1-minute version (smaller data, fewer steps)")
     p.add_argument("--out", help="output directory (default: $LOCDIFF_HOME, else ~/.cache/locdiff)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--retrieval-k", type=int, default=None,
+                   help="neighbours a retrieval-conditioned LocDiff sees (default 8; 0: the paper's plain LocDiff)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 

@@ -34,6 +34,7 @@ class CSUNetConfig:
     w0_initial: float = 30.0
     w0: float = 1.0
     dropout: float = 0.1
+    prior_dim: int = 0            # extra input features (a retrieval prior) concatenated to x_t
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,7 +71,11 @@ class FiLMSineLayer(nn.Module):
 
 
 class CSUNet(nn.Module):
-    """Conditional SIREN U-Net over SHDD vectors: forward(x_t [B,K], t [B], cond [B,D] or None)."""
+    """Conditional SIREN U-Net over SHDD vectors: forward(x_t [B,K], t [B], cond [B,D] or None).
+
+    With ``prior_dim`` P > 0, ``cond`` is [B, D + P]: its last P columns (a retrieval prior, see
+    locdiff_ext.retrieval) are concatenated to x_t at the input layer, the first D go through FiLM;
+    a dropped condition drops the prior too (zeros)."""
 
     def __init__(self, config: CSUNetConfig):
         super().__init__()
@@ -85,7 +90,7 @@ class CSUNet(nn.Module):
         self.cond_proj = nn.Linear(cfg.cond_dim, T)
         self.null_cond = nn.Parameter(torch.zeros(T))
         self.act = nn.SiLU()
-        self.inp = FiLMSineLayer(cfg.dim, widths[0], T, cfg.w0_initial, first=True)
+        self.inp = FiLMSineLayer(cfg.dim + cfg.prior_dim, widths[0], T, cfg.w0_initial, first=True)
         self.down = nn.ModuleList(FiLMSineLayer(widths[i], widths[i + 1], T, cfg.w0) for i in range(len(widths) - 1))
         self.mid = FiLMSineLayer(widths[-1], widths[-1], T, cfg.w0)
         self.up = nn.ModuleList(
@@ -97,6 +102,12 @@ class CSUNet(nn.Module):
         nn.init.uniform_(self.out.weight, -bound, bound)
         nn.init.zeros_(self.out.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.prior_dim:  # output += gate(c) per dim-sized block of the prior: copying a neighbour is easy
+            if cfg.prior_dim % cfg.dim:
+                raise ValueError(f"prior_dim {cfg.prior_dim} must be a multiple of dim {cfg.dim}")
+            self.prior_gate = nn.Linear(T, cfg.prior_dim // cfg.dim)
+            nn.init.zeros_(self.prior_gate.weight)
+            nn.init.zeros_(self.prior_gate.bias)
 
     def condition(self, t: Tensor, cond: Optional[Tensor], drop_mask: Optional[Tensor] = None) -> Tensor:
         """Timestep + condition vector c [B, time_dim]; rows where drop_mask is True (or all rows if
@@ -104,9 +115,7 @@ class CSUNet(nn.Module):
         c = self.time_mlp(timestep_embedding(t, self.config.time_dim))
         if cond is None:
             return self.act(c + self.null_cond)
-        if cond.shape[-1] != self.config.cond_dim:
-            raise ValueError(f"cond must have shape [B, {self.config.cond_dim}], got {tuple(cond.shape)}")
-        e = self.cond_proj(cond.to(c.dtype))
+        e = self.cond_proj(cond[:, :self.config.cond_dim].to(c.dtype))
         if drop_mask is not None:
             e = torch.where(drop_mask[:, None], self.null_cond.expand_as(e), e)
         return self.act(c + e)
@@ -114,7 +123,15 @@ class CSUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None, drop_mask: Optional[Tensor] = None) -> Tensor:
         if x.shape[-1] != self.config.dim:
             raise ValueError(f"x must have shape [B, {self.config.dim}], got {tuple(x.shape)}")
+        D, P = self.config.cond_dim, self.config.prior_dim
+        if cond is not None and cond.shape[-1] != D + P:
+            raise ValueError(f"cond must have shape [B, {D + P}], got {tuple(cond.shape)}")
         c = self.condition(t, cond, drop_mask)
+        if P:
+            prior = x.new_zeros(x.shape[0], P) if cond is None else cond[:, D:].to(x.dtype)
+            if drop_mask is not None:
+                prior = prior.masked_fill(drop_mask[:, None], 0.0)
+            x = torch.cat([x, prior], dim=-1)
         h = self.drop(self.inp(x, c))
         skips = [h]
         for layer in self.down:
@@ -124,4 +141,8 @@ class CSUNet(nn.Module):
         for layer in self.up:
             h = self.drop(layer(torch.cat([h, skips.pop()], dim=-1), c))
         h = self.drop(self.out_block(torch.cat([h, skips.pop()], dim=-1), c))
-        return self.out(h)
+        out = self.out(h)
+        if P:
+            blocks = x[:, self.config.dim:].reshape(x.shape[0], -1, self.config.dim)
+            out = out + (self.prior_gate(c).unsqueeze(-1) * blocks).sum(1)
+        return out

@@ -159,6 +159,8 @@ class Trainer:
             raise ValueError(f"batch_size {self.cfg.batch_size} must be divisible by the {self.world} processes")
         if len(train_data) < self.cfg.batch_size:
             raise ValueError(f"train_data has {len(train_data)} rows, fewer than batch_size={self.cfg.batch_size}")
+        if model.gallery is not None and len(model.gallery) == 0:  # retrieval over the training data
+            model.set_gallery(train_data.embeddings, train_data.coords)
         self.model = model.to(self.device).train()
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir)

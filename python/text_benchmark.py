@@ -83,6 +83,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1500 places, 200 steps (a smoke test)")
     p.add_argument("--out", default="results/text")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrieval-k", type=int, default=0,
+                   help="> 0: train the retrieval-conditioned LocDiff-R on this many neighbours (default 0: plain)")
     args = p.parse_args(argv)
     for key, full, quick in [("places", 12000, 1500), ("steps", 2500, 200), ("L", 32, 16)]:
         if getattr(args, key) is None:
@@ -99,7 +101,8 @@ def main(argv=None):
     test, train = np.arange(n_test), np.arange(n_test, len(places))  # places are in random order
 
     torch.manual_seed(args.seed)
-    model = ld.LocDiff(ld.LocDiffConfig(cond_dim=emb.shape[1], L=args.L, widths=(512, 256, 128), time_dim=128))
+    model = ld.LocDiff(ld.LocDiffConfig(cond_dim=emb.shape[1], L=args.L, widths=(512, 256, 128), time_dim=128,
+                                        retrieval_k=args.retrieval_k))
     cfg = TrainConfig(steps=args.steps, batch_size=256, lr=1e-3, warmup_steps=max(1, min(200, args.steps // 10)),
                       eval_every=0, checkpoint_every=0, seed=args.seed)
     out = Path(args.out)

@@ -52,10 +52,10 @@ def test_demo_quick_end_to_end(tmp_path):
     from PIL import Image
 
     out = _cli("demo", "--quick", "--no-progress", env={"LOCDIFF_HOME": str(tmp_path)})
-    assert "Region hold-out" in out.stdout and "| LocDiff |" in out.stdout and "| kNN retrieval" in out.stdout
+    assert "Region hold-out" in out.stdout and "| LocDiff-R (k=8) |" in out.stdout and "| kNN retrieval" in out.stdout
     report = json.loads((tmp_path / "demo" / "results.json").read_text())
     for split in ("test_region", "test_random"):
-        assert set(report["results"][split]) >= {"LocDiff", "LocDiff-H", "kNN retrieval (top-1)",
+        assert set(report["results"][split]) >= {"LocDiff-R (k=8)", "LocDiff-R + H", "kNN retrieval (top-1)",
                                                  "unit-vector regression"}
         assert all(m["n"] == 200 for m in report["results"][split].values())
     with Image.open(tmp_path / "demo" / "map.png") as im:
