@@ -34,7 +34,7 @@ from .encoders import ImageEncoder, build_image_encoder
 from .evaluate import great_circle_km
 from .model import CSUNet, CSUNetConfig
 from .ops import EARTH_RADIUS_KM, _check_int, grid_latlon, grid_points, sh_synthesis
-from .retrieval import Gallery, neighbour_features, sample_holdout_km
+from .retrieval import Gallery, neighbour_features, sample_holdout
 from .shdd import SHDDDecoder, SHDDEncoder
 
 PathLike = Union[str, os.PathLike]
@@ -72,7 +72,7 @@ class LocDiffConfig:
     guidance_scale: Optional[float] = None          # None: 2.0 if trained with condition dropout, else 1.0
     aggregate: str = "mean"
     retrieval_k: int = 0                            # > 0: condition on the k most similar gallery entries
-    retrieval_holdout_km: float = 1000.0            # training hold-out radii up to this (locdiff_ext.retrieval)
+    retrieval_holdout_km: float = 1000.0            # training hold-out caps' radii up to this (locdiff_ext.retrieval)
     retrieval_temperature: float = 0.03             # softmax temperature of the neighbours' density prior
     image_encoder: Optional[Dict[str, Any]] = None  # config of the image encoder, if any
 
@@ -201,12 +201,12 @@ class LocDiff(nn.Module):
     def _net_condition(self, cond: Tensor, coords: Optional[Tensor] = None) -> Tensor:
         """What the denoiser is conditioned on: the embeddings, plus for a retrieval-conditioned model
         its neighbours' features and prior (locdiff_ext.retrieval); given the true ``coords``
-        (training), neighbours within a random hold-out radius of them are hidden."""
+        (training), the gallery within a random hold-out region around each is hidden."""
         if self.gallery is None:
             return cond
         k = self.config.retrieval_k
-        holdout = None if coords is None else sample_holdout_km(cond.shape[0], self.config.retrieval_holdout_km)
-        sims, nb = self.gallery.search(F.normalize(cond.float(), dim=-1), k, coords, holdout)
+        centre, radius = (None, None) if coords is None else sample_holdout(coords, self.config.retrieval_holdout_km)
+        sims, nb = self.gallery.search(F.normalize(cond.float(), dim=-1), k, centre, radius)
         feats, prior = neighbour_features(sims.to(cond.device), nb.to(cond.device), self.shdd,
                                           self.config.retrieval_temperature)
         return torch.cat([cond.float(), feats, prior], dim=-1)

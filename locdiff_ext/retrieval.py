@@ -6,12 +6,15 @@ smooths away (BENCHMARKS.md section 3).  A retrieval-conditioned LocDiff (``retr
 looks up the ``k`` most similar gallery entries of its input and gives the denoiser their
 similarities and locations (as SHDD vectors), so the diffusion model learns when to trust them.
 
-At training time every sample is looked up with a *hold-out radius*: gallery entries closer than
-that to the sample's own location are hidden (always at least the sample itself: 1 m).  Drawing the
-radius at random teaches both regimes a user meets: places that the gallery covers (other shots of
-the same place are visible) and places it does not (large radius: the nearest lookalikes are in
-other regions).  At
-inference nothing is hidden.  The gallery is saved with the model (``save_pretrained``).
+At training time every sample is looked up with part of the gallery hidden, to teach both regimes
+a user meets (``sample_holdout``): for half of the rows only the sample itself (places the gallery
+covers: other shots of the same place stay visible), for the others a whole random region, a
+spherical cap that contains the sample at a uniformly random position (places it does not cover:
+like a photo taken somewhere in an unseen region, its true location may lie near the region's edge,
+with lookalikes just beyond it, or deep inside).  Centring the cap on the sample instead, so that the
+nearest visible entry was always at least the radius away, taught the model to distrust neighbours
+that on unseen regions were right (BENCHMARKS.md section 3).  At inference nothing is hidden.  The
+gallery is saved with the model (``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .baselines import latlon_to_xyz
+from .baselines import latlon_to_xyz, xyz_to_latlon
 from .data import validate_coords, validate_embeddings
 from .ops import EARTH_RADIUS_KM
 
@@ -98,13 +101,23 @@ class Gallery(nn.Module):
         return sims, coords
 
 
-def sample_holdout_km(n: int, max_km: float, device=None) -> Tensor:
-    """Training hold-out radii [n]: 1 m (only the sample itself, or entries at its exact coordinates)
-    for half of the rows, else uniform in [1, max_km] km (places the gallery does not cover).  Uses torch's global RNG, which
-    the Trainer seeds per step, so resumed runs draw the same radii."""
-    r = 1.0 + torch.rand(n) * max(max_km - 1.0, 0.0)
+def sample_holdout(coords: Tensor, max_km: float) -> Tuple[Tensor, Tensor]:
+    """Training hold-out regions for samples at ``coords`` [n, 2]: (centres [n, 2] float64, radii [n]
+    km).  Half of the rows hide only the sample itself (centre = its location, radius 1 m); the others
+    a cap of radius uniform in [max_km / 10, max_km] whose centre lies a distance R * sqrt(u) (u uniform)
+    from the sample in a uniform direction, so the sample is uniformly placed inside the cap.  Uses
+    torch's global RNG, which the Trainer seeds per step, so resumed runs draw the same regions."""
+    n = coords.shape[0]
+    radius = max_km / 10 + torch.rand(n, dtype=torch.float64) * (max_km - max_km / 10)
+    offset = radius * torch.rand(n, dtype=torch.float64).sqrt() / EARTH_RADIUS_KM  # radians of arc
+    x = latlon_to_xyz(coords.detach().double().cpu())
+    t = torch.randn(n, 3, dtype=torch.float64)
+    t = F.normalize(t - (t * x).sum(-1, keepdim=True) * x, dim=-1)  # a random tangent direction
+    centre = xyz_to_latlon(x * offset.cos()[:, None] + t * offset.sin()[:, None])
     local = torch.rand(n) < 0.5
-    return torch.where(local, torch.full_like(r, SELF_KM), r).to(device)
+    centre = torch.where(local[:, None], coords.detach().double().cpu(), centre)
+    radius = torch.where(local, torch.full_like(radius, SELF_KM), radius)
+    return centre.to(coords.device), radius.to(coords.device)
 
 
 def neighbour_features(sims: Tensor, coords: Tensor, shdd: nn.Module, temperature: float) -> Tuple[Tensor, Tensor]:
@@ -121,4 +134,4 @@ def neighbour_features(sims: Tensor, coords: Tensor, shdd: nn.Module, temperatur
     return torch.where(ok, sims.float(), torch.full_like(sims.float(), -1.0)), prior
 
 
-__all__ = ["Gallery", "sample_holdout_km", "neighbour_features"]
+__all__ = ["Gallery", "sample_holdout", "neighbour_features"]

@@ -11,7 +11,7 @@ from helpers import random_coords, tiny_model
 import locdiff_ext as ld
 from locdiff_ext.data import EmbeddingDataset
 from locdiff_ext.evaluate import great_circle_km
-from locdiff_ext.retrieval import Gallery, neighbour_features, sample_holdout_km
+from locdiff_ext.retrieval import Gallery, neighbour_features, sample_holdout
 from locdiff_ext.shdd import SHDDEncoder
 from locdiff_ext.train import TrainConfig, Trainer
 
@@ -53,12 +53,23 @@ def test_holdout_hides_everything_within_the_radius_and_pads_when_too_few_remain
     assert bool(torch.isfinite(sims[:, :3]).all()) and bool(torch.isinf(sims[:, 3:]).all())
 
 
-def test_holdout_radii_mix_both_regimes():
+def test_holdout_regions_mix_both_regimes_and_always_contain_the_sample():
     torch.manual_seed(0)
-    r = sample_holdout_km(4000, 1000.0)
-    assert float(r.min()) >= 1e-3 and float(r.max()) <= 1000.0
-    assert 0.4 < float((r == 1e-3).float().mean()) < 0.6
-    assert float(r[r > 1].mean()) == pytest.approx(500, rel=0.1)
+    n = 4000
+    coords = torch.stack([torch.rand(n) * 170 - 85, torch.rand(n) * 360 - 180], -1).double()
+    coords[:5] = torch.tensor([[90.0, 0.0], [-90.0, 10.0], [0.0, 180.0], [0.0, -180.0], [89.99, 45.0]])  # poles, dateline
+    centre, r = sample_holdout(coords, 1000.0)
+    assert centre.shape == (n, 2) and r.shape == (n,) and bool(torch.isfinite(centre).all())
+    local = r == 1e-3
+    assert 0.4 < float(local.float().mean()) < 0.6
+    assert torch.equal(centre[local], coords[local])  # seen-place rows: only the sample itself is hidden
+    far = ~local
+    assert float(r[far].min()) >= 100.0 and float(r[far].max()) <= 1000.0
+    assert float(r[far].mean()) == pytest.approx(550, rel=0.1)
+    d = great_circle_km(centre[far], coords[far])
+    assert bool((d <= r[far] + 1e-6).all())  # the sample lies inside its hidden cap ...
+    assert float(((d / r[far]) ** 2).mean()) == pytest.approx(0.5, abs=0.05)  # ... uniformly over its area
+    assert float((d / r[far]).max()) > 0.95 and float((d / r[far]).min()) < 0.05  # at its edge, or deep inside
 
 
 def test_neighbour_features_prior_is_the_best_neighbour_and_a_weighted_density():
