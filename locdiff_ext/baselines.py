@@ -139,26 +139,41 @@ def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0)
             "regression": UnitVectorRegressor(steps=steps, seed=seed).fit(emb_n, coords)}
 
 
-def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
-                    truth: Tensor, seed: int = 0) -> dict:
-    """{method: metrics} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines; a
-    retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'."""
-    from .evaluate import geolocation_metrics
-
+def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
+                       seed: int = 0) -> dict:
+    """{method: predictions [N, 2]} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines;
+    a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.  The two
+    LocDiff rows come first."""
     modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed)
     qn = F.normalize(queries.float(), dim=-1)
     grid = baselines["grid"]
     k = locdiff.config.retrieval_k
     name, name_h = ("LocDiff", "LocDiff-H") if k == 0 else (f"LocDiff-R (k={k})", "LocDiff-R + H")
     return {
-        name: geolocation_metrics(modes[:, 0], truth),
-        name_h: geolocation_metrics(locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km), truth),
-        "kNN retrieval (top-1)": geolocation_metrics(baselines["knn"].predict(queries), truth),
-        f"grid classification ({len(grid.cells)} cells)": geolocation_metrics(grid.predict(qn), truth),
-        "unit-vector regression": geolocation_metrics(baselines["regression"].predict(qn), truth),
+        name: modes[:, 0],
+        name_h: locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km),
+        "kNN retrieval (top-1)": baselines["knn"].predict(queries),
+        f"grid classification ({len(grid.cells)} cells)": grid.predict(qn),
+        "unit-vector regression": baselines["regression"].predict(qn),
     }
 
 
-__all__ = ["fit_baselines", "compare_methods", "KNNRetrieval", "GridClassifier", "UnitVectorRegressor", "locdiff_h", "fibonacci_cells",
+def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
+                    truth: Tensor, seed: int = 0, paired: bool = False):
+    """{method: metrics} of method_predictions against ``truth``; with ``paired``, also
+    {'LocDiff row - baseline': evaluate.paired_bootstrap(...)} for each LocDiff row and baseline:
+    returns (metrics, differences)."""
+    from .evaluate import geolocation_metrics, paired_bootstrap
+
+    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed)
+    metrics = {name: geolocation_metrics(p, truth) for name, p in preds.items()}
+    if not paired:
+        return metrics
+    names = list(preds)
+    diffs = {f"{a} - {b}": paired_bootstrap(preds[a], preds[b], truth, seed=seed) for a in names[:2] for b in names[2:]}
+    return metrics, diffs
+
+
+__all__ = ["fit_baselines", "method_predictions", "compare_methods", "KNNRetrieval", "GridClassifier", "UnitVectorRegressor", "locdiff_h", "fibonacci_cells",
            "latlon_to_xyz", "xyz_to_latlon"]
 

@@ -13,7 +13,8 @@
    LocDiff on both splits, BENCHMARKS.md; ``retrieval_k=0`` / ``--retrieval-k 0`` trains the paper's
    plain model); fit the baselines (kNN retrieval, grid classification, unit-vector regression) on
    the same embeddings; LocDiff-H on top.
-4. Evaluate everything on both test sets, print the table, write results.json / results.md, a
+4. Evaluate everything on both test sets, print the table (with paired bootstrap intervals of
+   the LocDiff rows' differences to each baseline), write results.json / results.md, a
    PNG world map of a few held-out crops with their top-3 modes and probability maps, example
    crops to try ``locdiff predict`` on, and the model (``save_pretrained``, image encoder
    included) where ``geolocate`` finds it when given no model.
@@ -38,7 +39,7 @@ from .baselines import compare_methods, fibonacci_cells, fit_baselines, latlon_t
 from .bluemarble import BlueMarbleCrops, build_dataset
 from .data import EmbeddingDataset
 from .encoders import SmallCNNEncoder
-from .evaluate import markdown_table
+from .evaluate import markdown_table, paired_table
 from .train import Trainer, TrainConfig
 
 
@@ -170,10 +171,12 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     t = time.perf_counter()
     log("[4/4] evaluating on the region hold-out and random test sets")
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    paired: Dict[str, dict] = {}
     examples = {}
     for split, n in [("test_region", cfg.eval_region), ("test_random", cfg.eval_random)]:
         idx = _eval_subset(data.splits[split], n, cfg.seed)
-        results[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx], cfg.seed)
+        results[split], paired[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx],
+                                                        cfg.seed, paired=True)
         examples[split] = idx
     timings["evaluation_s"] = time.perf_counter() - t
 
@@ -194,10 +197,13 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     titles = {"test_region": "Region hold-out (unseen 10x10 degree tiles)", "test_random": "Random split (seen places)"}
     md = []
     for split, rows in results.items():
-        md += [f"### {titles[split]}, {next(iter(rows.values()))['n']} crops", "", markdown_table(rows), ""]
+        md += [f"### {titles[split]}, {next(iter(rows.values()))['n']} crops", "", markdown_table(rows), "",
+               "Differences in % within 200 / 750 / 2500 km, LocDiff rows minus each baseline on the same crops "
+               "(95% paired bootstrap interval; an interval that contains 0 is a tie):", "",
+               paired_table(paired[split]), ""]
     (run_dir / "results.md").write_text("\n".join(md))
-    (run_dir / "results.json").write_text(json.dumps({"results": results, "config": asdict(cfg), "sizes": sizes,
-                                                       "timings": timings}, indent=1))
+    (run_dir / "results.json").write_text(json.dumps({"results": results, "paired_differences": paired,
+                                                       "config": asdict(cfg), "sizes": sizes, "timings": timings}, indent=1))
     log("")
     log("\n".join(md))
     log(f"model: {model_dir}\nmap:   {map_path}\ntry:   locdiff predict {ex_dir}/*.png\n"

@@ -72,7 +72,7 @@ def main(argv=None):
     import locdiff_ext as ld
     from locdiff_ext.baselines import compare_methods, fit_baselines
     from locdiff_ext.data import EmbeddingDataset
-    from locdiff_ext.evaluate import markdown_table, write_report
+    from locdiff_ext.evaluate import markdown_table, paired_table, write_report
     from locdiff_ext.train import Trainer, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -109,11 +109,14 @@ def main(argv=None):
     trainer = Trainer(model, EmbeddingDataset(emb[train], coords[train]), out / "training", cfg, device="cpu")
     trainer.fit(resume=False)
     baselines = fit_baselines(emb[train], coords[train], steps=300 if args.quick else 3000, seed=args.seed)
-    rows = compare_methods(trainer.ema, baselines, emb[train], coords[train], emb[test], coords[test], args.seed)
+    rows, diffs = compare_methods(trainer.ema, baselines, emb[train], coords[train], emb[test], coords[test], args.seed,
+                                  paired=True)
     print(f"\nGeoNames text -> location, split by place: {len(train)} training places, {len(test)} test places\n")
     print(markdown_table(rows))
+    print("\nDifferences in % within 200 / 750 / 2500 km, LocDiff rows minus each baseline (95% paired bootstrap):\n")
+    print(paired_table(diffs))
     examples = [{"text": texts[i], "true": coords[i].tolist()} for i in test[:10]]
-    write_report(out / "results.json", rows, {"args": vars(args), "examples": examples,
+    write_report(out / "results.json", rows, {"paired_differences": diffs, "args": vars(args), "examples": examples,
                                              "seconds": time.perf_counter() - t0})
     print(f"\nwrote {out / 'results.json'} and {out / 'results.md'} ({time.perf_counter() - t0:.0f} s)")
 

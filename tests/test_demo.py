@@ -58,6 +58,10 @@ def test_demo_quick_end_to_end(tmp_path):
         assert set(report["results"][split]) >= {"LocDiff-R (k=8)", "LocDiff-R + H", "kNN retrieval (top-1)",
                                                  "unit-vector regression"}
         assert all(m["n"] == 200 for m in report["results"][split].values())
+        diffs = report["paired_differences"][split]  # each LocDiff row minus each of the 3 baselines
+        assert len(diffs) == 6 and "LocDiff-R + H - kNN retrieval (top-1)" in diffs
+        assert all(lo <= d <= hi for row in diffs.values() for d, lo, hi in row.values())
+    assert "95% paired bootstrap" in out.stdout and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in out.stdout
     with Image.open(tmp_path / "demo" / "map.png") as im:
         assert im.format == "PNG" and im.size == (1080, 3 * (270 + 22))
         px = np.asarray(im.convert("RGB"))
