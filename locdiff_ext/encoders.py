@@ -17,8 +17,10 @@ gives clear errors for missing, non-image, corrupt or tiny files.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
@@ -31,24 +33,28 @@ ImageLike = Union[str, os.PathLike, "PIL.Image.Image", Tensor, np.ndarray]  # no
 MIN_IMAGE_SIDE = 8
 TAR_SEPARATOR = "::"
 _TARS: Dict[str, "tarfile.TarFile"] = {}  # noqa: F821  (open archives, per process)
+_TARS_LOCK = threading.Lock()  # an open archive is one file position: reads from worker threads must not interleave
 
 
-def _open_member(ref: str):
-    """'archive.tar::member' -> a file object of the member (archives stay open per process)."""
+def _open_member(ref: str) -> io.BytesIO:
+    """'archive.tar::member' -> the member's bytes (archives stay open per process; the bytes are read
+    under a lock so that the embedding cache's worker threads can share an archive, and decoded
+    outside it)."""
     import tarfile
 
     archive, member = ref.split(TAR_SEPARATOR, 1)
-    if archive not in _TARS:
-        if not os.path.isfile(archive):
-            raise FileNotFoundError(f"image archive {archive!r} does not exist")
-        _TARS[archive] = tarfile.open(archive)
-    try:
-        f = _TARS[archive].extractfile(member)
-    except KeyError:
-        f = None
-    if f is None:
-        raise FileNotFoundError(f"image {member!r} is not a file in {archive!r}")
-    return f
+    with _TARS_LOCK:
+        if archive not in _TARS:
+            if not os.path.isfile(archive):
+                raise FileNotFoundError(f"image archive {archive!r} does not exist")
+            _TARS[archive] = tarfile.open(archive)
+        try:
+            f = _TARS[archive].extractfile(member)
+        except KeyError:
+            f = None
+        if f is None:
+            raise FileNotFoundError(f"image {member!r} is not a file in {archive!r}")
+        return io.BytesIO(f.read())
 
 
 def load_image(image) -> "PIL.Image.Image":  # noqa: F821

@@ -123,6 +123,33 @@ def test_csv_reader_folder_and_tar(image_set):
         read_image_csv(image_set / "bad.csv", image_set / "imgs")
 
 
+def test_tar_members_read_concurrently_are_intact(tmp_path):
+    """Worker threads share one open archive: reads must not interleave (a CI run once lost an image)."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from locdiff_ext.encoders import load_image
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(48)]
+    tar_path = tmp_path / "many.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, a in enumerate(arrays):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")  # incompressible noise: ~7 kB per member
+            info = tarfile.TarInfo(f"img_{i:03d}.png")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+    refs = [f"{tar_path}::img_{i:03d}.png" for i in range(len(arrays))] * 4
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        images = list(pool.map(load_image, refs))
+    for i, im in enumerate(images):
+        assert np.array_equal(np.asarray(im), arrays[i % len(arrays)])
+
+
 def test_embedding_cache_resumes_and_skips_bad_images(tiny_clip, image_set, tmp_path):
     enc = HFCLIPEncoder(str(tiny_clip))
     refs, _, _ = read_image_csv(image_set / "mp16.csv", image_set / "imgs")
