@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .ops import EARTH_RADIUS_KM
+from .ops import EARTH_RADIUS_KM, _check_int
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 
@@ -64,8 +64,7 @@ def paired_bootstrap(pred_a: Tensor, pred_b: Tensor, true: Tensor, thresholds: S
                          f"{tuple(pred_b.shape)} and {tuple(true.shape)}")
     if true.shape[0] == 0:
         raise ValueError("pred_a/pred_b/true: cannot compare methods on an empty set")
-    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    _check_int(n_boot, "n_boot", 1)
     da, db = great_circle_km(pred_a, true), great_circle_km(pred_b, true)  # NaN <= t is False: a miss
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, true.shape[0], (n_boot, true.shape[0]), generator=gen)

@@ -110,12 +110,13 @@ def sample_holdout(coords: Tensor, max_km: float) -> Tuple[Tensor, Tensor]:
     n = coords.shape[0]
     radius = max_km / 10 + torch.rand(n, dtype=torch.float64) * (max_km - max_km / 10)
     offset = radius * torch.rand(n, dtype=torch.float64).sqrt() / EARTH_RADIUS_KM  # radians of arc
-    x = latlon_to_xyz(coords.detach().double().cpu())
+    here = coords.detach().double().cpu()
+    x = latlon_to_xyz(here)
     t = torch.randn(n, 3, dtype=torch.float64)
     t = F.normalize(t - (t * x).sum(-1, keepdim=True) * x, dim=-1)  # a random tangent direction
     centre = xyz_to_latlon(x * offset.cos()[:, None] + t * offset.sin()[:, None])
     local = torch.rand(n) < 0.5
-    centre = torch.where(local[:, None], coords.detach().double().cpu(), centre)
+    centre = torch.where(local[:, None], here, centre)
     radius = torch.where(local, torch.full_like(radius, SELF_KM), radius)
     return centre.to(coords.device), radius.to(coords.device)
 

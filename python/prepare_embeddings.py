@@ -13,7 +13,6 @@ weights must be in a local directory or already in your cache.
 
 import argparse
 
-
 from locdiff_ext.data import EmbeddingDataset, read_image_csv
 from locdiff_ext.embedding_cache import embed_images, failures, load_embeddings
 from locdiff_ext.encoders import parse_encoder_spec

@@ -1,7 +1,6 @@
 """CUDA kernels: the same checks as on the CPU, CPU-vs-CUDA agreement, a non-default stream.
 Skipped (with the reason) where no GPU is present."""
 
-
 import pytest
 import torch
 
