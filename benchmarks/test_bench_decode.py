@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import locdiff_ext as ld
-from locdiff_ext.reference import dense_decode, great_circle_km
+from locdiff_ext.kernels.reference import dense_decode, great_circle_km
 
 try:
     import torch_harmonics

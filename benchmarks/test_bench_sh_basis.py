@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import locdiff_ext as ld
-from locdiff_ext.reference import sh_basis_ref
+from locdiff_ext.kernels.reference import sh_basis_ref
 
 try:
     import sphericart

@@ -33,12 +33,13 @@ def _timeit(fn, min_time: float = 0.2, max_reps: int = 50) -> float:
 
 
 def _bench(args) -> int:
-    import locdiff_ext as ld
-    from locdiff_ext import _C
-    from locdiff_ext.reference import great_circle_km, sh_basis_ref
+    from importlib.metadata import version
+    from .kernels import has_cuda, sh_basis, shdd_decode, shdd_encode
+    from .kernels._loader import _C
+    from .kernels.reference import great_circle_km, sh_basis_ref
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not (torch.cuda.is_available() and ld.has_cuda()):
+    if device.type == "cuda" and not (torch.cuda.is_available() and has_cuda()):
         print("locdiff bench: --device cuda needs a GPU and a CUDA build of locdiff_ext", file=sys.stderr)
         return 2
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
@@ -46,18 +47,18 @@ def _bench(args) -> int:
     n, B = (20_000, 64) if args.quick else (100_000, 256)
     z = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
     coords = torch.stack([torch.rad2deg(torch.asin(z)), torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180], 1)
-    print(f"locdiff_ext {ld.__version__}: {device}, {args.dtype}, CPU threads {_C.num_threads()}, "
-          f"CUDA kernels compiled: {ld.has_cuda()}")
+    print(f"locdiff_ext {version('locdiff_ext')}: {device}, {args.dtype}, CPU threads {_C.num_threads()}, "
+          f"CUDA kernels compiled: {has_cuda()}")
     print(f"{'L':>5} {'sh_basis N=' + str(n):>22} {'ns/coef':>8} {'max err':>9} "
           f"{'shdd_decode B=' + str(B):>22} {'max km':>8}")
     for L in args.degrees:
         c = coords.to(device=device, dtype=dtype)
-        t_basis = _timeit(lambda: ld.sh_basis(c, L))
+        t_basis = _timeit(lambda: sh_basis(c, L))
         ref = sh_basis_ref(c[:200].cpu().double(), L)
-        err = (ld.sh_basis(c[:200], L).cpu().double() - ref).abs().max().item()
-        x = ld.shdd_encode(c[:B], L)
-        t_dec = _timeit(lambda: ld.shdd_decode(x))
-        modes, _ = ld.shdd_decode(x)
+        err = (sh_basis(c[:200], L).cpu().double() - ref).abs().max().item()
+        x = shdd_encode(c[:B], L)
+        t_dec = _timeit(lambda: shdd_decode(x))
+        modes, _ = shdd_decode(x)
         km = great_circle_km(modes[:, 0].cpu(), coords[:B]).max().item()
         ns = t_basis / (n * (L + 1) ** 2) * 1e9
         print(f"{L:>5} {t_basis * 1e3:>19.2f} ms {ns:>8.3f} {err:>9.1e} {t_dec * 1e3:>19.2f} ms {km:>8.1e}")
@@ -67,10 +68,10 @@ def _bench(args) -> int:
 
 def _bench_sampling(device: torch.device) -> None:
     """One DDIM step (network + x0 update) and one full geolocate call of a default-size model."""
-    import locdiff_ext as ld
+    from .locdiff import LocDiff, LocDiffConfig
 
     for L in (16, 32):
-        model = ld.LocDiff(ld.LocDiffConfig(cond_dim=512, L=L)).to(device).eval()
+        model = LocDiff(LocDiffConfig(cond_dim=512, L=L)).to(device).eval()
         emb = torch.randn(64, 512, device=device)
         t_step = _timeit(lambda: model.sample(model.condition(emb), 1, steps=1))
         t_full = _timeit(lambda: model.predict(emb, num_samples=16), min_time=0.5, max_reps=5)
@@ -89,7 +90,7 @@ def _load_data(path: str, coords: Optional[str]):
 
 
 def _train(args) -> int:
-    from .api import LocDiff, LocDiffConfig
+    from .locdiff import LocDiff, LocDiffConfig
     from .train import Trainer, TrainConfig
 
     cfg_file = json.loads(Path(args.config).read_text()) if args.config else {}
@@ -119,7 +120,7 @@ def _train(args) -> int:
 
 def _model_dir(path: str) -> Path:
     """A save_pretrained directory, or a training run's out_dir (its final/ or newest checkpoint)."""
-    from .checkpoint import MANIFEST, latest_checkpoint
+    from .data.checkpoint import MANIFEST, latest_checkpoint
 
     p = Path(path)
     if (p / MANIFEST).is_file() or not p.is_dir():
@@ -130,7 +131,8 @@ def _model_dir(path: str) -> Path:
 
 
 def _load_model(args):
-    from .api import LocDiff, default_model_dir
+    from .inference import default_model_dir
+    from .locdiff import LocDiff
 
     path = _model_dir(args.model) if args.model else default_model_dir()
     if not args.model and not path.exists():
@@ -140,7 +142,7 @@ def _load_model(args):
 
 
 def _eval(args) -> int:
-    from .evaluate import geolocation_metrics, markdown_table, write_report
+    from .evaluation import geolocation_metrics, markdown_table, write_report
 
     model = _load_model(args)
     data = _load_data(args.data, args.coords)
@@ -157,7 +159,7 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     import numpy as np
 
-    from .api import geolocate
+    from .inference import geolocate
 
     missing = [p for p in args.inputs if not Path(p).is_file()]
     if missing:
@@ -167,7 +169,7 @@ def _predict(args) -> int:
     if emb_files and len(emb_files) != len(args.inputs):
         raise ValueError("inputs: pass either image files or embedding files (.npy/.npz), not both")
     if emb_files:
-        from .data import validate_embeddings
+        from .checks import validate_embeddings
 
         arrays = []
         for f in emb_files:
@@ -191,7 +193,7 @@ def _predict(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+    from .datasets.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     if args.retrieval_k is not None:

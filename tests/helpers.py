@@ -76,3 +76,19 @@ def ddp_train_worker(rank, world, port, out_root, steps):
     cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
     Trainer(tiny_model(), data, os.path.join(out_root, f"rank{rank}"), cfg, progress=False).fit()
     dist.destroy_process_group()
+
+
+def run_cli(*args, cwd, env=None, check=True, timeout=900):
+    """``python -m locdiff_ext ARGS`` in a subprocess (the `locdiff` console script's entry point) run in
+    ``cwd``, which must not be the repository root (its source folder would shadow the installed
+    package); ``env`` entries are added to the environment.  With ``check``, a non-zero exit fails
+    the test with the command's output."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "locdiff_ext", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})), cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"locdiff {' '.join(map(str, args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

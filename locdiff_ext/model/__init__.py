@@ -1,0 +1,20 @@
+"""Layer 3, the learnable parts of LocDiff, each usable alone:
+
+- ``shdd``: locations <-> unit-scale SHDD vectors (encoder / mode-seeking decoder modules);
+- ``unet``: CS-UNet, the conditional SIREN U-Net denoiser;
+- ``diffusion``: noise schedules, DDIM/DDPM samplers, SHDD-KL and MSE losses (diffusers style:
+  schedulers apart from the model);
+- ``retrieval``: the gallery of a retrieval-conditioned LocDiff-R and what the denoiser sees of it;
+- ``aggregate``: diffusion samples -> modes, scores and probability maps.
+Imports ``checks``, ``kernels`` and ``data`` only.
+"""
+
+from .aggregate import AGGREGATES, SampleAggregator
+from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
+from .retrieval import Gallery, neighbour_features, sample_holdout
+from .shdd import SHDDDecoder, SHDDEncoder, degree_weights
+from .unet import CSUNet, CSUNetConfig
+
+__all__ = ["SHDDEncoder", "SHDDDecoder", "degree_weights", "CSUNet", "CSUNetConfig", "NoiseSchedule", "DDIMSampler",
+           "DDPMSampler", "SHDDKLLoss", "mse_loss", "PREDICTIONS", "Gallery", "neighbour_features", "sample_holdout",
+           "SampleAggregator", "AGGREGATES"]

@@ -1,0 +1,137 @@
+"""The gallery of a retrieval-conditioned LocDiff: reference (embedding, location) pairs.
+
+Why: on places the training set never saw, the location of the single most similar reference
+embedding (GeoCLIP-style retrieval) carries information that a parametric p(location | embedding)
+smooths away (BENCHMARKS.md section 3).  A retrieval-conditioned LocDiff (``retrieval_k > 0``)
+looks up the ``k`` most similar gallery entries of its input and gives the denoiser their
+similarities and locations (as SHDD vectors), so the diffusion model learns when to trust them.
+
+At training time every sample is looked up with part of the gallery hidden, to teach both regimes
+a user meets (``sample_holdout``): for half of the rows only the sample itself (places the gallery
+covers: other shots of the same place stay visible), for the others a whole random region, a
+spherical cap that contains the sample at a uniformly random position (places it does not cover:
+like a photo taken somewhere in an unseen region, its true location may lie near the region's edge,
+with lookalikes just beyond it, or deep inside).  Centring the cap on the sample instead, so that the
+nearest visible entry was always at least the radius away, taught the model to distrust neighbours
+that on unseen regions were right (BENCHMARKS.md section 3).  At inference nothing is hidden.  The
+gallery is saved with the model (``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import validate_coords, validate_embeddings
+from ..kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+
+
+SELF_KM = 1e-3  # the smallest hold-out radius (1 m): hides the sample itself
+
+
+class Gallery(nn.Module):
+    """Reference pairs as buffers: ``embeddings`` [G, D] (L2-normalised, float32) and ``coords``
+    [G, 2] (lat, lon degrees, float32); empty until ``set``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(0, dim))
+        self.register_buffer("coords", torch.zeros(0, 2))
+
+    def __len__(self) -> int:
+        return self.coords.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def set(self, embeddings, coords) -> "Gallery":
+        """Replaces the gallery (validated; embeddings are L2-normalised)."""
+        e = validate_embeddings(embeddings, "gallery embeddings", self.dim)
+        c = validate_coords(coords, "gallery coords")
+        if e.shape[0] != c.shape[0]:
+            raise ValueError(f"gallery embeddings has {e.shape[0]} rows but gallery coords has {c.shape[0]}")
+        dev = self.embeddings.device
+        self.embeddings = F.normalize(e, dim=-1).to(dev)
+        self.coords = c.float().to(dev)
+        return self
+
+    def resize_like(self, state: dict, prefix: str) -> None:
+        """Gives the buffers the shapes stored in ``state`` so that load_state_dict can fill them."""
+        for name in ("embeddings", "coords"):
+            t = state.get(prefix + name)
+            if t is not None:
+                setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
+
+    @torch.no_grad()
+    def search(self, query: Tensor, k: int, center: Optional[Tensor] = None, holdout_km: Optional[Tensor] = None,
+               chunk: int = 512) -> Tuple[Tensor, Tensor]:
+        """The ``k`` most similar entries of each (normalised) query [B, D] by cosine similarity:
+        (similarities [B, k], coords [B, k, 2] float64), best first.  With ``center`` [B, 2] and
+        ``holdout_km`` [B], entries within holdout_km of center are skipped; where fewer than k
+        remain, similarities are -inf and coords NaN."""
+        if len(self) == 0:
+            raise ValueError("the gallery is empty: call LocDiff.set_gallery(embeddings, coords) "
+                             "(the Trainer does it with the training data)")
+        q = query.float().to(self.embeddings.device)
+        kk = min(k, len(self))
+        gxyz = latlon_to_xyz(self.coords.double()) if center is not None else None  # float64: 1 km is 1e-8 in cos
+        sims, idx = [], []
+        for i in range(0, q.shape[0], chunk):
+            s = q[i:i + chunk] @ self.embeddings.T
+            if center is not None:
+                c = latlon_to_xyz(center[i:i + chunk].double().to(s.device))
+                cos_r = torch.cos((holdout_km[i:i + chunk].to(s.device).double() / EARTH_RADIUS_KM).clamp(max=math.pi))
+                s = s.masked_fill(c @ gxyz.T >= cos_r[:, None], float("-inf"))
+            v, j = s.topk(kk, dim=-1)
+            sims.append(v)
+            idx.append(j)
+        sims, idx = torch.cat(sims), torch.cat(idx)
+        coords = self.coords.double()[idx]
+        coords[~torch.isfinite(sims)] = float("nan")
+        if kk < k:
+            pad = k - kk
+            sims = F.pad(sims, (0, pad), value=float("-inf"))
+            coords = torch.cat([coords, coords.new_full((coords.shape[0], pad, 2), float("nan"))], 1)
+        return sims, coords
+
+
+def sample_holdout(coords: Tensor, max_km: float) -> Tuple[Tensor, Tensor]:
+    """Training hold-out regions for samples at ``coords`` [n, 2]: (centres [n, 2] float64, radii [n]
+    km).  Half of the rows hide only the sample itself (centre = its location, radius 1 m); the others
+    a cap of radius uniform in [max_km / 10, max_km] whose centre lies a distance R * sqrt(u) (u uniform)
+    from the sample in a uniform direction, so the sample is uniformly placed inside the cap.  Uses
+    torch's global RNG, which the Trainer seeds per step, so resumed runs draw the same regions."""
+    n = coords.shape[0]
+    radius = max_km / 10 + torch.rand(n, dtype=torch.float64) * (max_km - max_km / 10)
+    offset = radius * torch.rand(n, dtype=torch.float64).sqrt() / EARTH_RADIUS_KM  # radians of arc
+    here = coords.detach().double().cpu()
+    x = latlon_to_xyz(here)
+    t = torch.randn(n, 3, dtype=torch.float64)
+    t = F.normalize(t - (t * x).sum(-1, keepdim=True) * x, dim=-1)  # a random tangent direction
+    centre = xyz_to_latlon(x * offset.cos()[:, None] + t * offset.sin()[:, None])
+    local = torch.rand(n) < 0.5
+    centre = torch.where(local[:, None], here, centre)
+    radius = torch.where(local, torch.full_like(radius, SELF_KM), radius)
+    return centre.to(coords.device), radius.to(coords.device)
+
+
+def neighbour_features(sims: Tensor, coords: Tensor, shdd: nn.Module, temperature: float) -> Tuple[Tensor, Tensor]:
+    """What the denoiser sees of the k neighbours: (scalar features [B, k], prior [B, 2K]).
+    Scalars are the similarities (-1 where missing); the prior holds two SHDD vectors, that of the
+    best neighbour and the softmax(similarity / temperature)-weighted mean over the k (a kernel
+    density of where the lookalikes are)."""
+    B, k = sims.shape
+    ok = torch.isfinite(sims)
+    x = shdd(torch.nan_to_num(coords, nan=0.0).reshape(-1, 2)).reshape(B, k, -1).float()
+    x = x * ok[..., None]
+    w = torch.softmax(sims.float().masked_fill(~ok, -math.inf) / temperature, dim=-1).nan_to_num(0.0)
+    prior = torch.cat([x[:, 0], (w[..., None] * x).sum(1)], dim=-1)
+    return torch.where(ok, sims.float(), torch.full_like(sims.float(), -1.0)), prior
+
+
+__all__ = ["Gallery", "sample_holdout", "neighbour_features"]

@@ -1,0 +1,49 @@
+"""The embedded default: `locdiff demo --quick` end to end on real Blue Marble crops, then
+`locdiff predict` and geolocate() on the model it saved."""
+
+import json
+
+import numpy as np
+import torch
+
+import locdiff_ext as ld
+from locdiff_ext.kernels.geometry import great_circle_km
+
+from helpers import run_cli
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    from PIL import Image
+
+    out = run_cli("demo", "--quick", "--no-progress", cwd=tmp_path, env={"LOCDIFF_HOME": str(tmp_path)})
+    assert "Region hold-out" in out.stdout and "| LocDiff-R (k=8) |" in out.stdout and "| kNN retrieval" in out.stdout
+    report = json.loads((tmp_path / "demo" / "results.json").read_text())
+    for split in ("test_region", "test_random"):
+        assert set(report["results"][split]) >= {"LocDiff-R (k=8)", "LocDiff-R + H", "kNN retrieval (top-1)",
+                                                 "unit-vector regression"}
+        assert all(m["n"] == 200 for m in report["results"][split].values())
+        diffs = report["paired_differences"][split]  # each LocDiff row minus each of the 3 baselines
+        assert len(diffs) == 6 and "LocDiff-R + H - kNN retrieval (top-1)" in diffs
+        assert all(lo <= d <= hi for row in diffs.values() for d, lo, hi in row.values())
+    assert "95% paired bootstrap" in out.stdout and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in out.stdout
+    with Image.open(tmp_path / "demo" / "map.png") as im:
+        assert im.format == "PNG" and im.size == (1080, 3 * (270 + 22))
+        px = np.asarray(im.convert("RGB"))
+        assert px.std() > 20  # a picture, not a blank canvas
+    examples = sorted((tmp_path / "demo" / "examples").glob("*.png"))
+    assert len(examples) == 6
+
+    # the saved model is the default of geolocate() and `locdiff predict`
+    pred = run_cli("predict", *examples[:2], "--json", cwd=tmp_path, env={"LOCDIFF_HOME": str(tmp_path)})
+    records = json.loads(pred.stdout)
+    assert len(records) == 2 and all(r["modes"] for r in records)
+    model = ld.LocDiff.from_pretrained(tmp_path / "demo-model")
+    res = ld.geolocate([str(p) for p in examples[:2]], model=model, top_k=3)
+    assert [round(r.lat, 6) for r in res] == [round(r["modes"][0]["lat"], 6) for r in records]
+    # a grayscale version of a crop still works; the label is in the file name
+    gray = tmp_path / "gray.png"
+    Image.open(examples[0]).convert("L").save(gray)
+    assert np.isfinite(ld.geolocate([gray], model=model)[0].lat)
+    assert model.image_encoder is not None and model.config.image_encoder["kind"] == "small_cnn"
+    truth = torch.tensor([float(v) for v in examples[0].stem.replace("crop_lat", "").split("_lon")])
+    assert great_circle_km(torch.tensor([res[0].lat, res[0].lon]), truth).item() <= 20016  # a finite answer

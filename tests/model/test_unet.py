@@ -1,0 +1,36 @@
+"""CS-UNet: shapes, SIREN initialisation, conditioning."""
+
+import math
+
+import pytest
+import torch
+
+from locdiff_ext.model.unet import CSUNet, CSUNetConfig
+
+
+def test_csunet_shapes_init_and_conditioning():
+    cfg = CSUNetConfig(dim=81, cond_dim=12, widths=(64, 32, 16), time_dim=32, dropout=0.0)
+    net = CSUNet(cfg)
+    x, t, e = torch.randn(5, 81), torch.randint(0, 1000, (5,)), torch.randn(5, 12)
+    assert net(x, t, e).shape == (5, 81) and net(x, t, None).shape == (5, 81)
+    # SIREN initialisation: first layer U(-1/n, 1/n), later layers U(-sqrt(6/n)/w0, ...); FiLM starts as identity.
+    assert net.inp.linear.weight.abs().max() <= 1 / 81
+    assert net.inp.linear.weight.abs().max() > 0.9 / 81
+    w = net.down[0].linear.weight
+    bound = math.sqrt(6 / 64) / cfg.w0
+    assert w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+    assert torch.count_nonzero(net.inp.film.weight) == 0
+    # The condition changes the output once FiLM is trained; the null condition is used when dropped.
+    with torch.no_grad():
+        net.cond_proj.weight.normal_()
+        for m in net.modules():
+            if hasattr(m, "film"):
+                m.film.weight.normal_(std=0.1)
+    drop = torch.tensor([True, False, True, False, False])
+    out = net(x, t, e, drop_mask=drop)
+    torch.testing.assert_close(out[drop], net(x[drop], t[drop], None))
+    assert not torch.allclose(out[~drop], net(x[~drop], t[~drop], None))
+    with pytest.raises(ValueError, match="cond"):
+        net(x, t, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="x"):
+        net(torch.randn(5, 80), t, e)
