@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -12,6 +13,7 @@
 #endif
 
 #include "kernels.h"
+#include "parallel.h"
 #include "sh_math.h"
 #include "tables.h"
 
@@ -223,11 +225,18 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   if (weights)
     for (int l = 0; l <= L; ++l) w[l] = (double)weights[l];
   advise_huge_pages(out, (size_t)n * K * sizeof(T));
+  RegionErrors errs;
 #pragma omp parallel
   {
-    std::vector<double> c(L + 1), s(L + 1), rows(3 * (size_t)(L + 2));
+    std::vector<double> c, s, rows;
+    errs.guard([&] {
+      c.resize(L + 1);
+      s.resize(L + 1);
+      rows.resize(3 * (size_t)(L + 2));
+    });
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
+      if (errs.failed()) continue;
       double theta, phi;
       latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
       trig_table(phi, L, c.data(), s.data());
@@ -235,6 +244,7 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
                   rows.data() + (L + 2), rows.data() + 2 * (L + 2), out + i * K);
     }
   }
+  errs.rethrow();
 }
 
 template <typename T>
@@ -276,15 +286,23 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   advise_huge_pages(out, (size_t)batch * nlat * nlon * sizeof(T));
   const int64_t chunk = 8;  // coefficient rows sharing one Legendre recurrence
   const int64_t nchunks = (batch + chunk - 1) / chunk;
+  RegionErrors errs;
 #pragma omp parallel
   {
-    LegendreRows leg(t, L);
-    std::vector<double> gc(chunk * M), gs(chunk * M), f(nlon);
+    std::unique_ptr<LegendreRows> leg;
+    std::vector<double> gc, gs, f;
+    errs.guard([&] {
+      leg = std::make_unique<LegendreRows>(t, L);
+      gc.resize(chunk * M);
+      gs.resize(chunk * M);
+      f.resize(nlon);
+    });
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t cb = 0; cb < nchunks; ++cb)
       for (int j = 0; j < nlat; ++j) {
+        if (errs.failed()) continue;
         const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
-        ring_legendre(leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
+        ring_legendre(*leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
         for (int64_t r = 0; r < rows; ++r) {
           ring_fourier(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(), stab.data(), f.data());
           T* o = out + ((b0 + r) * nlat + j) * (int64_t)nlon;
@@ -292,6 +310,7 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
         }
       }
   }
+  errs.rethrow();
 }
 
 namespace {
@@ -457,15 +476,26 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
   const int64_t chunk = 4;  // rows sharing one Legendre recurrence per ring
   const int64_t nchunks = (batch + chunk - 1) / chunk;
 
+  RegionErrors errs;
 #pragma omp parallel
   {
-    LegendreRows leg(t, L);
-    RowEvaluator eval(*tables, L);
-    std::vector<double> gc(chunk * M), gs(chunk * M);
-    std::vector<float> rings(chunk * 3 * (size_t)nlon);  // rolling 3 rings per row: never the whole map
-    std::vector<TopList> tops(chunk, TopList(opt.candidates));
+    std::unique_ptr<LegendreRows> leg_ptr;
+    std::unique_ptr<RowEvaluator> eval_ptr;
+    std::vector<double> gc, gs;
+    std::vector<float> rings;  // rolling 3 rings per row: never the whole map
+    std::vector<TopList> tops;
+    errs.guard([&] {
+      leg_ptr = std::make_unique<LegendreRows>(t, L);
+      eval_ptr = std::make_unique<RowEvaluator>(*tables, L);
+      gc.resize(chunk * M);
+      gs.resize(chunk * M);
+      rings.resize(chunk * 3 * (size_t)nlon);
+      tops.assign(chunk, TopList(opt.candidates));
+    });
 #pragma omp for schedule(dynamic)
-    for (int64_t cb = 0; cb < nchunks; ++cb) {
+    for (int64_t cb = 0; cb < nchunks; ++cb) errs.guard([&] {
+      LegendreRows& leg = *leg_ptr;
+      RowEvaluator& eval = *eval_ptr;
       const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
       for (int64_t r = 0; r < rows; ++r) tops[r].clear();
       auto ring = [&](int64_t r, int j) { return rings.data() + (r * 3 + (j % 3)) * (size_t)nlon; };
@@ -510,8 +540,9 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
           }
         }
       }
-    }
+    });
   }
+  errs.rethrow();
 }
 
 // Both derivative evaluators at one point, for the tests (method 0: eval_derivs, the per-order

@@ -7,6 +7,7 @@ argument, before any work is done.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -22,6 +23,35 @@ def check_int(v, name: str, lo: int, hi: Optional[int] = None) -> int:
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {rng}, got {v}")
     return v
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory that can be allocated now on ``device``: free GPU memory, or the kernel's MemAvailable
+    (free RAM plus reclaimable caches), not the machine's total."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 50
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuses work whose memory (outputs and working buffers, ``nbytes``) exceeds what is available
+    on ``device``, with a ValueError naming the arguments ``what`` that set the size, before anything
+    is allocated (the allocator's own failure would come late, obscurely, or not at all)."""
+    limit = available_bytes(device)
+    if nbytes > limit:
+        raise ValueError(f"{what}: this call would need {nbytes / 2**30:.1f} GiB but only {limit / 2**30:.1f} GiB "
+                         f"is available on {device}; lower them or split the batch")
 
 
 def validate_coords(coords, name: str = "coords") -> Tensor:
@@ -56,4 +86,4 @@ def validate_embeddings(emb, name: str = "embeddings", dim: Optional[int] = None
     return e.to(torch.float32)
 
 
-__all__ = ["check_int", "validate_coords", "validate_embeddings"]
+__all__ = ["check_int", "check_fits", "available_bytes", "validate_coords", "validate_embeddings"]

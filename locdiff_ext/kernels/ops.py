@@ -12,13 +12,12 @@ execute eagerly even inside a compiled graph, so ``torch.compile(fullgraph=True)
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..checks import check_int
+from ..checks import check_fits, check_int
 from ._loader import MAX_DEGREE, _C
 from .geometry import EARTH_RADIUS_KM, grid_latlon, grid_points
 
@@ -31,10 +30,14 @@ __all__ = [
     "grid_points",
     "num_coeffs",
     "degree_from_num_coeffs",
+    "decode_grid_limits",
     "EARTH_RADIUS_KM",
+    "MAX_DECODE_ITER",
 ]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+_INT32_MAX = 2**31 - 1      # the kernels take grid sizes as C ints
+MAX_DECODE_ITER = 1000      # Newton steps per candidate: refinement converges in < 10
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -69,23 +72,6 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
-    """Refuse outputs that cannot fit in memory before the allocator fails obscurely."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        limit = free
-    else:
-        try:
-            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-            limit = 1 << 50
-    if nbytes > limit:
-        raise ValueError(
-            f"{what}: the output would need {nbytes / 2**30:.1f} GiB but only "
-            f"{limit / 2**30:.1f} GiB is available on {device}; lower L or split the batch"
-        )
-
-
 def _check_coord_values(coords: Tensor) -> None:
     if coords.numel() == 0:
         return
@@ -100,13 +86,30 @@ def _check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _threads() -> int:
+    return max(1, int(_C.num_threads()))
+
+
+def _synthesis_bytes(B: int, L: int, nlat: int, nlon: int, esize: int) -> int:
+    """Output plus working memory of sh_synthesis: Fourier tables [2, L+1, nlon] and per-thread rows."""
+    M = L + 1
+    return B * nlat * nlon * esize + 16 * M * nlon + _threads() * 8 * (18 * M + nlon)
+
+
+def _decode_bytes(B: int, L: int, top_k: int, nlat: int, nlon: int, candidates: int, esize: int) -> int:
+    """Outputs plus working memory of shdd_decode: float Fourier tables, per-thread rolling rings and
+    candidate lists (the map itself is never held)."""
+    M = L + 1
+    return 3 * B * top_k * esize + 8 * M * nlon + _threads() * (48 * nlon + 64 * M + 4 * 48 * (candidates + 1))
+
+
 # ----------------------------------------------------------------------------- sh_basis / shdd_encode
 
 
 def _basis_impl(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
     _check_coord_values(coords)
     n, K = coords.shape[0], num_coeffs(L)
-    _check_fits(n * K * coords.element_size(), coords.device, "coords/L")
+    check_fits(n * K * coords.element_size(), coords.device, "coords/L")
     out = coords.new_empty((n, K))
     if n:
         _C.sh_basis(_ptr(coords), _ptr(out), n, L, _ptr(weights), _DTYPE_CODE[coords.dtype],
@@ -179,7 +182,7 @@ def _sh_synthesis_op(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     _check_finite(coeffs, "coeffs")
     B, K = coeffs.shape
     L = degree_from_num_coeffs(K)
-    _check_fits(B * nlat * nlon * coeffs.element_size(), coeffs.device, "nlat/nlon")
+    check_fits(_synthesis_bytes(B, L, nlat, nlon, coeffs.element_size()), coeffs.device, "coeffs/nlat/nlon")
     out = coeffs.new_empty((B, nlat, nlon))
     if B and nlat and nlon:
         _C.sh_synthesis(_ptr(coeffs), _ptr(out), B, L, nlat, nlon, _DTYPE_CODE[coeffs.dtype],
@@ -202,6 +205,8 @@ def _shdd_decode_op(
     _check_finite(coeffs, "coeffs")
     B, K = coeffs.shape
     L = degree_from_num_coeffs(K)
+    check_fits(_decode_bytes(B, L, top_k, nlat or 2 * L + 2, nlon or 2 * (nlat or 2 * L + 2),
+                             candidates or 2 * top_k + 2, coeffs.element_size()), coeffs.device, "coeffs/top_k/grid")
     out_coords = coeffs.new_empty((B, top_k, 2))
     out_scores = coeffs.new_empty((B, top_k))
     if B:
@@ -232,7 +237,10 @@ def _prep_coords(coords) -> Tuple[Tensor, Tuple[int, ...]]:
     if coords.dim() < 1 or coords.shape[-1] != 2:
         raise ValueError(f"coords must have shape [..., 2] (lat, lon in degrees), got {tuple(coords.shape)}")
     lead = tuple(coords.shape[:-1])
-    return coords.reshape(-1, 2).contiguous(), lead
+    flat = coords.reshape(-1, 2)
+    # fmod is exact: |lon| of 1e20 wraps to the right angle here, where the kernel's lon * pi/180 would lose it
+    flat = torch.stack([flat[:, 0], torch.fmod(flat[:, 1], 360.0)], 1) if flat.shape[0] else flat
+    return flat.contiguous(), lead
 
 
 def sh_basis(coords: Tensor, L: int) -> Tensor:
@@ -277,9 +285,18 @@ def sh_synthesis(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     ``grid_latlon``): [..., nlat, nlon].  Separable: Legendre sums per ring, then the Fourier sum
     over m (FFT when nlon is a power of two), O(B (L^2 nlat + nlat nlon L))."""
     flat, lead, _ = _prep_coeffs(coeffs)
-    nlat = check_int(nlat, "nlat", 1)
-    nlon = check_int(nlon, "nlon", 1)
+    nlat = check_int(nlat, "nlat", 1, _INT32_MAX)
+    nlon = check_int(nlon, "nlon", 1, _INT32_MAX)
     return _sh_synthesis_op(flat, nlat, nlon).reshape(*lead, nlat, nlon)
+
+
+def decode_grid_limits(L: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(nlat_min, nlat_max), (nlon_min, nlon_max) of the decoder's coarse grid at degree L.  The minimum
+    is the default grid, (2L+2) x (4L+4): steps of half the main-lobe width pi/(L+1), so that every
+    mode's lobe holds grid points and refinement starts inside it (coarser grids can miss the global
+    maximum by thousands of km).  The maximum, 4x finer or 0.25 degree, bounds the work per row."""
+    nlat_min, nlon_min = 2 * L + 2, 4 * L + 4
+    return (nlat_min, max(4 * nlat_min, 720)), (nlon_min, max(4 * nlon_min, 1440))
 
 
 def shdd_decode(
@@ -295,19 +312,21 @@ def shdd_decode(
 ) -> Tuple[Tensor, Tensor]:
     """Mode-seeking SHDD decoder: the ``top_k`` largest local maxima of f = sum c_lm Y_lm per row.
 
-    Synthesises f on a coarse grid (default ``nlat = 2L+2`` rings, step below half the main-lobe
-    width pi/L), keeps the best ``candidates`` local maxima (default 2*top_k+2), refines each with
+    Synthesises f on a coarse grid (default ``nlat = 2L+2`` rings by ``nlon = 2 nlat``: steps of half
+    the main-lobe width pi/(L+1); ``decode_grid_limits`` gives the allowed range), keeps the best ``candidates`` local maxima (default 2*top_k+2), refines each with
     trust-region Newton steps on the sphere (analytic derivatives; ``refine=False`` returns grid
     points), and keeps modes at least ``min_separation_km`` apart (default: the main-lobe width
     pi/(L+1) of arc).  Returns coords [..., top_k, 2] (lat, lon degrees, lon in [-180, 180)) and
     scores [..., top_k] (f at the mode).  Rows with fewer distinct maxima than top_k are padded
-    with NaN coordinates and -inf scores."""
+    with NaN coordinates and -inf scores.  Scale invariant: modes of c * f are those of f, scores c times."""
     flat, lead, L = _prep_coeffs(coeffs)
-    top_k = check_int(top_k, "top_k", 1)
-    nlat = 0 if nlat is None else check_int(nlat, "nlat", 2)
-    nlon = 0 if nlon is None else check_int(nlon, "nlon", 3)
-    candidates = 0 if candidates is None else check_int(candidates, "candidates", top_k)
-    max_iter = check_int(max_iter, "max_iter", 0)
+    (lat_lo, lat_hi), (lon_lo, lon_hi) = decode_grid_limits(L)
+    nlat = 0 if nlat is None else check_int(nlat, "nlat", lat_lo, lat_hi)
+    nlon = 0 if nlon is None else check_int(nlon, "nlon", lon_lo, lon_hi)
+    cells = (nlat or lat_lo) * (nlon or 2 * (nlat or lat_lo))
+    top_k = check_int(top_k, "top_k", 1, cells)  # a grid of `cells` points has fewer local maxima
+    candidates = 0 if candidates is None else check_int(candidates, "candidates", top_k, cells)
+    max_iter = check_int(max_iter, "max_iter", 0, MAX_DECODE_ITER)
     if not refine:
         max_iter = 0
     if flat.device.type == "cuda" and (candidates or 2 * top_k + 2) > 32:
@@ -316,8 +335,16 @@ def shdd_decode(
     if min_separation_km is None:
         min_sep = 0.0
     else:
-        if not isinstance(min_separation_km, (int, float)) or not math.isfinite(min_separation_km) or min_separation_km < 0:
+        if (isinstance(min_separation_km, bool) or not isinstance(min_separation_km, (int, float))
+                or not math.isfinite(min_separation_km) or min_separation_km < 0):
             raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
         min_sep = max(float(min_separation_km) / EARTH_RADIUS_KM, 1e-15)
-    out_coords, out_scores = _shdd_decode_op(flat, top_k, nlat, nlon, candidates, max_iter, min_sep)
+    # Modes do not depend on the scale of f: each row is scaled by a power of two (exact) into [0.5, 1),
+    # so that the float32 coarse map neither underflows (|c| ~ 1e-45) nor overflows (|c| ~ 1e40).  NaN/inf
+    # rows keep their NaN/inf through the scaling and are refused inside the op (which also runs compiled).
+    expo = torch.frexp(flat.abs().amax(dim=-1, keepdim=True).double())[1].clamp(-1000, 1000) if flat.shape[0] else None
+    scaled = flat if expo is None else torch.ldexp(flat.double(), -expo).to(flat.dtype)
+    out_coords, out_scores = _shdd_decode_op(scaled, top_k, nlat, nlon, candidates, max_iter, min_sep)
+    if expo is not None:
+        out_scores = torch.ldexp(out_scores.double(), expo).to(out_scores.dtype)
     return out_coords.reshape(*lead, top_k, 2), out_scores.reshape(*lead, top_k)
