@@ -112,7 +112,7 @@ def _train(args) -> int:
     torch.manual_seed(train_config.seed)  # the initial weights, reproducibly
     model = LocDiff(LocDiffConfig.from_dict(model_cfg))
     trainer = Trainer(model, data, args.out, train_config, val, progress=not args.no_progress, device=args.device)
-    trainer.fit(resume=not args.no_resume)
+    trainer.fit(resume=not args.no_resume, overwrite=args.overwrite)
     if trainer.rank == 0:
         print(f"model saved to {Path(args.out) / 'final'}")
     return 0
@@ -227,7 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--coords", help=".npy of [N, 2] (lat, lon) when DATA is an .npy of embeddings")
     p.add_argument("--val", help="validation data (default: a random split of DATA)")
     p.add_argument("--val-coords")
-    p.add_argument("--out", required=True, help="output directory: checkpoints, history.json, final/")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, history.json, final/; a run "
+                                                "already there is resumed if its settings and data match")
     p.add_argument("--config", help='JSON file {"model": {LocDiffConfig fields}, "train": {TrainConfig fields}}')
     p.add_argument("--L", type=int, help="SH degree")
     p.add_argument("--widths", type=int, nargs="+", help="CS-UNet widths, e.g. 1024 512 256")
@@ -243,7 +244,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun "
                                                    "each process takes its LOCAL_RANK's GPU)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start a fresh run; refused where OUT holds a run, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run in OUT (checkpoints, final/, history.json) and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 

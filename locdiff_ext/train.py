@@ -6,6 +6,12 @@ split, and checkpoints (safetensors + JSON, atomic, keep last k) from which trai
 exactly.  Multi-GPU / multi-node through torch.distributed DDP: launch the same command with
 ``torchrun --nproc_per_node=N``; only rank 0 writes.
 
+A directory holds one run.  ``fit()`` resumes the run in ``out_dir`` only if it was started with the
+same model config, training settings (bookkeeping such as ``eval_every`` may change) and data;
+otherwise it refuses and says what differs.  Starting afresh where a run exists needs
+``overwrite=True`` (``locdiff train --overwrite``), which deletes that run first: a new run's
+checkpoints are never mixed with an old run's, and ``out_dir/final`` is always the newest run's model.
+
 Reproducibility by construction: every random draw of step s (the batch, timesteps, noise,
 condition dropout and the network's dropout) comes from generators seeded by (seed, s), so a
 resumed run needs no saved RNG state to continue bit-for-bit, and the global batch of step s is
@@ -17,6 +23,7 @@ is why a W-process run matches the 1-process run up to float summation order.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -31,7 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from .data.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
+                              remove_stale_temporaries, write_checkpoint)
 from .data.datasets import EmbeddingDataset
 from .evaluation.metrics import geolocation_metrics
 from .locdiff import LocDiff
@@ -79,6 +87,31 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {unknown}")
         return cls(**d)
+
+
+# Training settings that may change when a run is resumed: they schedule evaluation, logging and
+# checkpoints, not the optimisation, so the resumed run still reproduces the uninterrupted one.
+RESUMABLE_CHANGES = ("eval_every", "eval_size", "eval_samples", "eval_steps", "checkpoint_every", "keep_last",
+                     "log_every")
+
+
+def data_fingerprint(data: EmbeddingDataset) -> Dict[str, Any]:
+    """Rows, width and a SHA-256 of an evenly strided sample of at most ~4096 rows: cheap even for
+    millions of rows, and enough to tell that a resumed run would train on other data."""
+    stride = max(1, len(data) // 4096)
+    h = hashlib.sha256()
+    h.update(data.embeddings[::stride].contiguous().numpy().tobytes())
+    h.update(data.coords[::stride].contiguous().numpy().tobytes())
+    return {"rows": len(data), "dim": data.dim, "sample_sha256": h.hexdigest()}
+
+
+def run_files(out_dir: PathLike) -> List[Path]:
+    """What a training run leaves in ``out_dir``: step_* checkpoints, final/ and history.json."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.name in ("final", "history.json")
+                  or (p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()))
 
 
 def _step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -164,6 +197,9 @@ class Trainer:
         self.model = model.to(self.device).train()
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"out_dir {str(self.out_dir)!r} is a file, not a directory")
+        self.data_fingerprint = data_fingerprint(train_data)
         self.progress = progress
         self.cond = self._normalize(train_data.embeddings.to(self.device))
         self.coords = train_data.coords.to(self.device)
@@ -238,13 +274,15 @@ class Trainer:
             return None
         opt_tensors, opt_doc = _flatten_optimizer(self.opt)
         state = {"step": self.step, "scheduler": self.sched.state_dict(), "optimizer": opt_doc,
-                 "history": self.history, "train_config": asdict(self.cfg), "world_size": self.world}
+                 "history": self.history, "train_config": asdict(self.cfg), "world_size": self.world,
+                 "data": self.data_fingerprint}
         path = write_checkpoint(self.out_dir / f"step_{self.step:08d}",
                                 {"model": self.ema.persistent_state_dict(),
                                  "train_model": self.model.persistent_state_dict(),
                                  "optimizer": opt_tensors},
                                 {"config": self.model.config.to_dict(), "trainer_state": state})
-        for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_last]:
+        done = [p for p in list_checkpoints(self.out_dir) if checkpoint_step(p) <= self.step]
+        for old in done[:-self.cfg.keep_last]:  # the newest keep_last, this one included, stay
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -252,9 +290,10 @@ class Trainer:
         tensors, docs = read_checkpoint(path)
         try:
             if docs["config"] != self.model.config.to_dict():
-                raise CheckpointError(f"{str(path)!r} was written for another model config; "
-                                      "use a new out_dir or the same config")
+                raise CheckpointError(f"{str(path)!r} was written for another model config; resume with the same "
+                                      "config, or start afresh with overwrite=True (--overwrite) or another out_dir")
             st = docs["trainer_state"]
+            self._check_same_run(path, st)
             self.model.load_persistent_state_dict(tensors["train_model"], f"{str(path)!r}: train_model")
             self.ema.load_persistent_state_dict(tensors["model"], f"{str(path)!r}: model")
             self.opt.load_state_dict(_unflatten_optimizer(tensors["optimizer"], st["optimizer"]))
@@ -265,13 +304,55 @@ class Trainer:
                 raise
             raise CheckpointError(f"{str(path)!r} is not a usable trainer checkpoint: {exc!r}") from None
 
+    def _check_same_run(self, path: PathLike, state: Dict[str, Any]) -> None:
+        """Refuses to resume a run started with other training settings or other data."""
+        saved = state.get("train_config") or {}
+        now = asdict(self.cfg)
+        diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+                 if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
+        data = state.get("data")
+        if data is not None and data != self.data_fingerprint:
+            diffs.append(f"training data ({data.get('rows')} rows of width {data.get('dim')} -> "
+                         f"{self.data_fingerprint['rows']} rows of width {self.data_fingerprint['dim']}"
+                         + (", same size but other values" if data.get("rows") == self.data_fingerprint["rows"] else "")
+                         + ")")
+        if diffs:
+            raise CheckpointError(f"{str(path)!r} belongs to a run with other settings ({'; '.join(diffs)}): resume it "
+                                  "with the same ones, or start afresh with overwrite=True (--overwrite) or another "
+                                  "out_dir")
+
+    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0, before training: removes temporaries of a killed checkpoint write, and the old run
+        if ``overwrite``; refuses to start a fresh run over an old one (module docstring)."""
+        removed = remove_stale_temporaries(self.out_dir)
+        if removed and self.progress:
+            print(f"removed {len(removed)} unfinished checkpoint write(s) in {self.out_dir}")
+        existing = run_files(self.out_dir)
+        if existing and overwrite:
+            for p in existing:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        elif existing and (not resume or latest_checkpoint(self.out_dir) is None):
+            names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+            why = "resume=False (--no-resume) asks for a fresh run" if not resume else "it has no checkpoint to resume"
+            raise ValueError(f"out_dir {str(self.out_dir)!r} holds a training run ({names}) and {why}: pass "
+                             "overwrite=True (--overwrite) to delete that run and start afresh, or choose another out_dir")
+
     # ------------------------------------------------------------------ the loop
-    def fit(self, resume: bool = True) -> List[Dict[str, float]]:
-        """Trains to ``config.steps`` (resuming from the newest checkpoint in out_dir if ``resume``)
-        and writes out_dir/final.  Returns the history of logged losses and evaluations."""
+    def fit(self, resume: bool = True, overwrite: bool = False) -> List[Dict[str, float]]:
+        """Trains to ``config.steps`` and writes out_dir/final; returns the history of logged losses and
+        evaluations.  ``resume``: continue the run in out_dir (same settings and data, else
+        CheckpointError); ``overwrite``: delete the run in out_dir and start afresh (without it, a
+        fresh start over an existing run raises ValueError)."""
         from tqdm.auto import tqdm
 
-        ckpt = latest_checkpoint(self.out_dir) if resume else None
+        if self.rank == 0:
+            self._prepare_out_dir(resume, overwrite)
+        if self.world > 1:
+            dist.barrier()
+        ckpt = latest_checkpoint(self.out_dir) if resume and not overwrite else None
         if ckpt is not None:
             self.load_checkpoint(ckpt)
         if self.rank == 0:
@@ -311,8 +392,9 @@ class Trainer:
 
 def train(model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike, config: Optional[TrainConfig] = None,
           val_data: Optional[EmbeddingDataset] = None, resume: bool = True, progress: bool = True,
-          device: Union[str, torch.device, None] = None) -> LocDiff:
-    """Trains ``model`` and returns its EMA version (also saved to out_dir/final)."""
+          device: Union[str, torch.device, None] = None, overwrite: bool = False) -> LocDiff:
+    """Trains ``model`` and returns its EMA version (also saved to out_dir/final); ``resume`` and
+    ``overwrite`` as in ``Trainer.fit``."""
     trainer = Trainer(model, train_data, out_dir, config, val_data, progress, device)
-    trainer.fit(resume=resume)
+    trainer.fit(resume=resume, overwrite=overwrite)
     return trainer.ema

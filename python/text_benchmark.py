@@ -61,7 +61,7 @@ def main(argv=None):
                       eval_every=0, checkpoint_every=0, seed=args.seed)
     out = Path(args.out)
     trainer = Trainer(model, EmbeddingDataset(emb[train], coords[train]), out / "training", cfg, device="cpu")
-    trainer.fit(resume=False)
+    trainer.fit(resume=False, overwrite=True)  # this recipe's own scratch run: a rerun replaces it
     baselines = fit_baselines(emb[train], coords[train], steps=300 if args.quick else 3000, seed=args.seed)
     rows, diffs = compare_methods(trainer.ema, baselines, emb[train], coords[train], emb[test], coords[test], args.seed,
                                   paired=True)

@@ -29,6 +29,8 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--checkpoint-every", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh "
+                                                             "(default: resume it; refused if its settings differ)")
     args = p.parse_args(argv)
 
     train = load_dataset(args.train)
@@ -39,7 +41,7 @@ def main(argv=None):
                       checkpoint_every=args.checkpoint_every, seed=args.seed,
                       warmup_steps=min(2000, max(1, args.steps // 10)))
     trainer = Trainer(model, train, args.out, cfg, val_data=val)
-    trainer.fit()
+    trainer.fit(overwrite=args.overwrite)
     if trainer.rank == 0:
         print(f"model saved to {args.out}/final")
 

@@ -37,5 +37,11 @@ def test_cli_train_eval_predict(tmp_path):
     assert bad.returncode == 2 and "missing.png" in bad.stderr
     bad = run_cli("train", tmp_path / "nothing.npz", "--out", tmp_path / "x", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # a fresh run over an existing one is refused (one line, status 2), --overwrite replaces it
+    bad = run_cli("train", tmp_path / "train.npz", "--out", tmp_path / "run", "--no-resume", "--steps", 10,
+                  "--no-progress", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "--overwrite" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("train", tmp_path / "train.npz", "--out", tmp_path / "eval.json", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "is a file" in bad.stderr and "Traceback" not in bad.stderr
     for cmd in ("train", "eval", "predict", "bench"):
         assert run_cli(cmd, "--help", cwd=tmp_path).stdout.startswith("usage: locdiff " + cmd)

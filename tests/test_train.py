@@ -155,3 +155,66 @@ def test_resume_refuses_another_config_and_a_tampered_checkpoint(tmp_path):
     (ckpt / "optimizer.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="modified"):
         read_checkpoint(ckpt)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.net.state_dict().items()}
+
+
+def test_a_fresh_run_never_mixes_with_or_is_replaced_by_an_old_one(tmp_path):
+    """Issue 9, defect 2: a --no-resume run into a directory holding a longer finished run kept the old,
+    higher-numbered checkpoints and deleted its own; the next resume then 'resumed' the old run and
+    out/final was the OLD model."""
+    data, _ = region_dataset(256, seed=0)
+    old_cfg = TrainConfig(steps=40, batch_size=16, eval_every=0, checkpoint_every=10, keep_last=3, seed=1)
+    Trainer(tiny_model(), data, tmp_path, old_cfg, progress=False).fit()
+    new_cfg = TrainConfig(steps=20, batch_size=16, eval_every=0, checkpoint_every=10, keep_last=3, seed=2)
+    with pytest.raises(ValueError, match="holds a training run .*overwrite=True"):
+        Trainer(tiny_model(seed=5), data, tmp_path, new_cfg, progress=False).fit(resume=False)
+    with pytest.raises(CheckpointError, match="seed 1 -> 2; steps 40 -> 20|steps 40 -> 20; seed 1 -> 2"):
+        Trainer(tiny_model(seed=5), data, tmp_path, new_cfg, progress=False).fit()  # resume: settings differ
+    fresh = Trainer(tiny_model(seed=5), data, tmp_path, new_cfg, progress=False)
+    fresh.fit(resume=False, overwrite=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]
+    final = ld.LocDiff.from_pretrained(tmp_path / "final")
+    for k, v in fresh.ema.net.state_dict().items():
+        torch.testing.assert_close(final.net.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # resuming the finished new run is a no-op that keeps it
+    again = Trainer(tiny_model(seed=5), data, tmp_path, new_cfg, progress=False)
+    again.fit()
+    assert again.step == 20
+    for k, v in _weights(ld.LocDiff.from_pretrained(tmp_path / "final")).items():
+        torch.testing.assert_close(v, fresh.ema.net.state_dict()[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_checks_training_settings_and_data_but_not_bookkeeping(tmp_path):
+    data, _ = region_dataset(256, seed=0)
+    cfg = TrainConfig(steps=10, batch_size=16, eval_every=0, checkpoint_every=5, lr=1e-3)
+    Trainer(tiny_model(), data, tmp_path, cfg, progress=False).fit()
+    for change, match in [({"lr": 2e-3}, "lr 0.001 -> 0.002"), ({"batch_size": 32}, "batch_size 16 -> 32"),
+                          ({"steps": 12}, "steps 10 -> 12")]:
+        with pytest.raises(CheckpointError, match=match):
+            Trainer(tiny_model(), data, tmp_path, TrainConfig(**{**cfg.__dict__, **change}), progress=False).fit()
+    other, _ = region_dataset(256, seed=1)
+    with pytest.raises(CheckpointError, match="training data .*same size but other values"):
+        Trainer(tiny_model(), other, tmp_path, cfg, progress=False).fit()
+    # evaluation, logging and checkpoint cadence may change on resume
+    t = Trainer(tiny_model(), data, tmp_path, TrainConfig(**{**cfg.__dict__, "log_every": 3, "keep_last": 1}),
+                progress=False)
+    t.fit()
+    assert t.step == 10
+
+
+def test_unfinished_checkpoint_writes_are_cleaned_and_a_file_is_no_out_dir(tmp_path):
+    data, _ = region_dataset(128, seed=0)
+    cfg = TrainConfig(steps=4, batch_size=16, eval_every=0, checkpoint_every=2)
+    stale = tmp_path / "run" / ".step_00000004.tmp-k1ll3d"  # what a kill during write_checkpoint leaves
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)
+    (tmp_path / "run" / "notes.txt").write_text("the user's own file")
+    Trainer(tiny_model(), data, tmp_path / "run", cfg, progress=False).fit()
+    assert not stale.exists() and (tmp_path / "run" / "notes.txt").is_file()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir .*file.* is a file"):
+        Trainer(tiny_model(), data, tmp_path / "file", cfg, progress=False)

@@ -143,6 +143,24 @@ def list_checkpoints(root: PathLike, prefix: str = "step_") -> list:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: PathLike, prefix: str = "step_") -> int:
+    """The step number in a checkpoint directory's name (step_00001000 -> 1000)."""
+    return int(Path(path).name[len(prefix):])
+
+
+def remove_stale_temporaries(root: PathLike) -> list:
+    """Deletes the temporary directories that ``write_checkpoint`` leaves in ``root`` when the process
+    is killed mid-write (``.NAME.tmp-*``, ``.NAME.old-*``: each up to a checkpoint in size, never read).
+    Returns the removed paths.  Call it only where no other process writes checkpoints into ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def latest_checkpoint(root: PathLike) -> Optional[Path]:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None

@@ -164,7 +164,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                        checkpoint_every=0, keep_last=1, seed=cfg.seed)
     trainer = Trainer(model, train_set, run_dir / "training", tcfg, val_data=EmbeddingDataset(emb[val_idx], coords[val_idx]),
                       progress=progress, device="cpu" if not torch.cuda.is_available() else None)
-    trainer.fit(resume=False)
+    trainer.fit(resume=False, overwrite=True)  # the demo's own scratch run: a rerun replaces it
     locdiff = trainer.ema.cpu().eval()
     baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
     timings["training_s"] = time.perf_counter() - t
