@@ -7,6 +7,7 @@ argument, before any work is done.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -22,6 +23,24 @@ def check_int(v, name: str, lo: int, hi: Optional[int] = None) -> int:
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {rng}, got {v}")
+    return v
+
+
+def check_float(v, name: str, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+                hi_open: bool = False) -> float:
+    """``v`` as a float if it is a real number (int or float, not a bool) that is finite and within
+    [lo, hi] (open ends with ``lo_open``/``hi_open``); TypeError / ValueError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    low_bad = lo is not None and (v <= lo if lo_open else v < lo)
+    high_bad = hi is not None and (v >= hi if hi_open else v > hi)
+    if low_bad or high_bad:
+        lo_s = "(-inf" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        hi_s = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        raise ValueError(f"{name} must be in {lo_s}, {hi_s}, got {v:g}")
     return v
 
 
@@ -86,4 +105,4 @@ def validate_embeddings(emb, name: str = "embeddings", dim: Optional[int] = None
     return e.to(torch.float32)
 
 
-__all__ = ["check_int", "check_fits", "available_bytes", "validate_coords", "validate_embeddings"]
+__all__ = ["check_int", "check_float", "check_fits", "available_bytes", "validate_coords", "validate_embeddings"]

@@ -20,18 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int, validate_embeddings
+from .checks import check_float, check_int, validate_embeddings
 from .data.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from .encoders import ImageEncoder, build_image_encoder
+from .encoders import STORED_ENCODERS, ImageEncoder, build_image_encoder
+from .kernels.ops import num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
 from .model.retrieval import Gallery, neighbour_features, sample_holdout
-from .model.shdd import SHDDDecoder, SHDDEncoder
+from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
 
 PathLike = Union[str, os.PathLike]
 LOSSES = ("shdd_kl", "mse")
 SAMPLERS = ("ddim", "ddpm")
+MAX_WIDTH = 1 << 16  # bound on cond_dim, time_dim and CS-UNet widths: a 65536^2 layer is already 16 GiB
 
 
 @dataclass
@@ -68,27 +70,42 @@ class LocDiffConfig:
     image_encoder: Optional[Dict[str, Any]] = None  # config of the image encoder, if any
 
     def __post_init__(self):
-        self.widths = tuple(int(w) for w in self.widths)
-        checks = [
-            (isinstance(self.cond_dim, int) and self.cond_dim >= 1, "cond_dim must be a positive int"),
-            (isinstance(self.L, int) and 1 <= self.L <= 256, "L must be an int in [1, 256]"),
-            (self.schedule in ("linear", "cosine"), "schedule must be 'linear' or 'cosine'"),
-            (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}"),
-            (self.loss in LOSSES, f"loss must be one of {LOSSES}"),
-            (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
-            (self.aggregate in AGGREGATES, f"aggregate must be one of {AGGREGATES}"),
-            (0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob must be in [0, 1)"),
-            (self.mse_weight >= 0, "mse_weight must be >= 0"),
-            (isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples must be an int >= 1"),
-            (isinstance(self.retrieval_k, int) and self.retrieval_k >= 0, "retrieval_k must be an int >= 0"),
-            (self.retrieval_holdout_km >= 1.0, "retrieval_holdout_km must be >= 1"),
-            (self.retrieval_temperature > 0, "retrieval_temperature must be > 0"),
-            (isinstance(self.sample_steps, int) and 1 <= self.sample_steps <= self.train_timesteps,
-             "sample_steps must be an int in [1, train_timesteps]"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"LocDiffConfig: {msg}")
+        """Checks every field (type, range, finiteness): a config may come from a file someone else wrote,
+        and a bad value must fail here, naming the field, not as an allocation or NaN deep inside."""
+        try:
+            self._validate()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"LocDiffConfig: {exc}") from None
+
+    def _validate(self) -> None:
+        ints = {"cond_dim": (1, MAX_WIDTH), "L": (1, 256), "time_dim": (1, MAX_WIDTH), "train_timesteps": (1, 100_000),
+                "num_samples": (1, 65_536), "retrieval_k": (0, 1024)}
+        for name, (lo, hi) in ints.items():
+            check_int(getattr(self, name), name, lo, hi)
+        check_int(self.sample_steps, "sample_steps", 1, self.train_timesteps)
+        if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, (list, tuple)) or not 1 <= len(self.widths) <= 16:
+            raise ValueError(f"widths must be a list of 1 to 16 ints, got {self.widths!r}")
+        self.widths = tuple(check_int(w, "widths[i]", 1, MAX_WIDTH) for w in self.widths)
+        for name in ("w0_initial", "w0", "kl_temperature", "retrieval_temperature"):
+            check_float(getattr(self, name), name, 0.0, lo_open=True)
+        for name in ("taper_sigma", "kl_smoothing"):
+            if getattr(self, name) is not None:
+                check_float(getattr(self, name), name, 0.0, lo_open=True)
+        check_float(self.dropout, "dropout", 0.0, 1.0, hi_open=True)
+        check_float(self.cond_drop_prob, "cond_drop_prob", 0.0, 1.0, hi_open=True)
+        check_float(self.mse_weight, "mse_weight", 0.0)
+        check_float(self.eta, "eta", 0.0, 1.0)
+        check_float(self.retrieval_holdout_km, "retrieval_holdout_km", 1.0)
+        if self.guidance_scale is not None:
+            check_float(self.guidance_scale, "guidance_scale", -100.0, 100.0)
+        if not isinstance(self.normalize_condition, bool):
+            raise TypeError(f"normalize_condition must be a bool, got {self.normalize_condition!r}")
+        for name, allowed in [("weighting", WEIGHTINGS), ("schedule", ("linear", "cosine")), ("prediction", PREDICTIONS),
+                              ("loss", LOSSES), ("sampler", SAMPLERS), ("aggregate", AGGREGATES)]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.image_encoder is not None and not isinstance(self.image_encoder, dict):
+            raise TypeError(f"image_encoder must be a dict (an encoder's config) or None, got {type(self.image_encoder).__name__}")
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -97,6 +114,8 @@ class LocDiffConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LocDiffConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"LocDiffConfig: expected a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -115,9 +134,7 @@ class LocDiff(nn.Module):
         self.shdd = SHDDEncoder(config.L, config.weighting, config.taper_sigma)
         self.decoder = SHDDDecoder(self.shdd)
         k = config.retrieval_k
-        self.net = CSUNet(CSUNetConfig(dim=self.shdd.dim, cond_dim=config.cond_dim + k, widths=config.widths,
-                                       time_dim=config.time_dim, w0_initial=config.w0_initial, w0=config.w0,
-                                       dropout=config.dropout, prior_dim=2 * self.shdd.dim if k else 0))
+        self.net = CSUNet(self.net_config(config))
         self.gallery = Gallery(config.cond_dim) if k else None
         self.schedule = NoiseSchedule(config.schedule, config.train_timesteps)
         weights = self.shdd.weights if self.shdd.weights.numel() else None
@@ -131,6 +148,48 @@ class LocDiff(nn.Module):
             config.image_encoder = image_encoder.config
         self.image_encoder = image_encoder
         self.aggregator = SampleAggregator(self.shdd, self.decoder, self.kl.smoothing)
+
+    @staticmethod
+    def net_config(config: LocDiffConfig) -> CSUNetConfig:
+        """The denoiser's configuration implied by a LocDiff config."""
+        K, k = num_coeffs(config.L), config.retrieval_k
+        return CSUNetConfig(dim=K, cond_dim=config.cond_dim + k, widths=config.widths, time_dim=config.time_dim,
+                            w0_initial=config.w0_initial, w0=config.w0, dropout=config.dropout,
+                            prior_dim=2 * K if k else 0)
+
+    @classmethod
+    def check_weights_match(cls, config: LocDiffConfig, state: Dict[str, Tensor], source: str) -> None:
+        """Compares the weights a config implies (the denoiser and a stored image encoder, built on the
+        meta device: no memory) with ``state``, before any real allocation: a config.json edited to
+        widths [12000, 12000] beside a 45 KB model fails here, not after allocating gigabytes."""
+        try:
+            with torch.device("meta"):
+                expected = {f"net.{k}": tuple(v.shape) for k, v in CSUNet(cls.net_config(config)).state_dict().items()}
+                enc = config.image_encoder
+                if enc is not None and enc.get("kind") in STORED_ENCODERS:
+                    expected.update({f"image_encoder.{k}": tuple(v.shape)
+                                     for k, v in build_image_encoder(enc).state_dict().items()})
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{source}: the config cannot be built: {exc}") from None
+        if config.retrieval_k:
+            g = state.get("gallery.embeddings")
+            n = g.shape[0] if g is not None else 0
+            expected.update({"gallery.embeddings": (n, config.cond_dim), "gallery.coords": (n, 2)})
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(k for k in set(got) - set(expected) if not k.startswith("image_encoder."))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        if missing or unexpected or wrong:
+            detail = "; ".join(f"{k}: {got[k]} but the config implies {expected[k]}" for k in wrong[:3])
+            raise CheckpointError(f"{source} do not match the config: missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]}" + (f", {detail}" if detail else ""))
+        for k, v in state.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{source}: {k} contains NaN or infinite values")
+        if config.retrieval_k and n:
+            coords = state["gallery.coords"]
+            if bool((coords[:, 0].abs() > 90).any()):
+                raise CheckpointError(f"{source}: gallery.coords holds latitudes outside [-90, 90]")
 
     @property
     def device(self) -> torch.device:
@@ -309,7 +368,11 @@ class LocDiff(nn.Module):
             config = LocDiffConfig.from_dict(docs["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
-        model = cls(config)
+        cls.check_weights_match(config, tensors["model"], f"{str(directory)!r}: the weights")
+        try:
+            model = cls(config)
+        except (TypeError, ValueError) as exc:  # e.g. an image encoder config its class refuses
+            raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
         try:
             model.load_persistent_state_dict(tensors["model"], f"{str(directory)!r}: the weights")
         except RuntimeError as exc:

@@ -119,12 +119,16 @@ def test_every_module_imports_in_a_fresh_interpreter(tmp_path):
 
 def test_a_source_checkout_says_why_it_cannot_import(tmp_path):
     """Python started in a checkout imports its locdiff_ext/ folder, which has no compiled module: the
-    error must name that cause and the fix, not a 'circular import'."""
+    error must name that cause and the fix, not a 'circular import'.  (With the editable install of the
+    README's developer setup the import works instead.)"""
     shutil.copytree(PACKAGE, tmp_path / "locdiff_ext", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     (tmp_path / "csrc").mkdir()
     (tmp_path / "pyproject.toml").write_text("[project]\nname = 'locdiff_ext'\n")
     proc = subprocess.run([sys.executable, "-c", "import locdiff_ext"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300)
+    if Path(ld._C.__file__).resolve().parent != PACKAGE:  # an editable install (README, developer setup):
+        assert proc.returncode == 0, proc.stderr[-2000:]  # its finder supplies _C to any checkout: it imports
+        return
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()[-1]
     assert "source folder" in err and "pip install --no-build-isolation -e ." in err, err

@@ -90,11 +90,14 @@ def _verified_manifest(directory: Path) -> dict:
         files = manifest["files"]
         if manifest.get("format") != FORMAT or not isinstance(files, dict):
             raise KeyError("format")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{str(mpath)!r} is corrupt or of an unknown format ({exc})") from None
+        if not all(isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+                   for m in files.values()):
+            raise KeyError("files")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(mpath)!r} is corrupt or of an unknown format ({type(exc).__name__}: {exc})") from None
     for name, meta in files.items():
         path = directory / name
-        if os.sep in name or name.startswith(".") or not path.is_file():
+        if os.sep in name or "/" in name or name.startswith(".") or not path.is_file():
             raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
         if path.stat().st_size != meta.get("bytes"):
             raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or was modified "
@@ -123,7 +126,7 @@ def read_checkpoint(directory: PathLike, map_location: Union[str, torch.device] 
         elif fname.endswith(".json"):
             try:
                 documents[fname[: -len(".json")]] = json.loads(path.read_text())
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                 raise CheckpointError(f"checkpoint file {str(path)!r} is not valid JSON: {exc}") from None
     return tensors, documents
 

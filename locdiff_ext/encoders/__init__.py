@@ -17,6 +17,7 @@ from .cnn import SmallCNNEncoder
 from .images import ImageEncoder, image_to_tensor, load_image
 
 ENCODERS = {"small_cnn": SmallCNNEncoder, "hf_clip": HFCLIPEncoder, "open_clip": OpenCLIPEncoder}
+STORED_ENCODERS = tuple(k for k, c in ENCODERS.items() if c.stores_weights)  # weights saved with the model
 
 
 def build_image_encoder(config: Dict) -> ImageEncoder:
@@ -42,5 +43,5 @@ def parse_encoder_spec(spec: str) -> ImageEncoder:
     raise ValueError(f"encoder: expected 'hf:<path>' or 'open_clip:<model>:<weights>', got {spec!r}")
 
 
-__all__ = ["ImageEncoder", "SmallCNNEncoder", "HFCLIPEncoder", "OpenCLIPEncoder", "ENCODERS", "build_image_encoder",
+__all__ = ["ImageEncoder", "SmallCNNEncoder", "HFCLIPEncoder", "OpenCLIPEncoder", "ENCODERS", "STORED_ENCODERS", "build_image_encoder",
            "parse_encoder_spec", "load_image", "image_to_tensor", "embed_images", "load_embeddings", "failures"]

@@ -9,6 +9,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_float, check_int
 from .images import ImageEncoder
 
 
@@ -21,7 +22,17 @@ class SmallCNNEncoder(ImageEncoder):
     def __init__(self, dim: int = 128, image_size: int = 64, channels: Sequence[int] = (32, 64, 128, 256),
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25)):
         super().__init__()
-        self.dim, self.image_size, self.channels = int(dim), int(image_size), [int(c) for c in channels]
+        check_int(dim, "dim", 1, 1 << 16)
+        check_int(image_size, "image_size", 8, 4096)
+        if not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= 8:
+            raise ValueError(f"channels must be a list of 1 to 8 ints, got {channels!r}")
+        for name, v in (("mean", mean), ("std", std)):
+            if not isinstance(v, (list, tuple)) or len(v) != 3:
+                raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {v!r}")
+            for x in v:
+                check_float(x, name, 0.0 if name == "std" else None, lo_open=True)
+        self.dim, self.image_size = dim, image_size
+        self.channels = [check_int(c, "channels[i]", 1, 4096) for c in channels]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         layers: List[nn.Module] = []
