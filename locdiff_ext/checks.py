@@ -102,7 +102,10 @@ def validate_embeddings(emb, name: str = "embeddings", dim: Optional[int] = None
         raise ValueError(f"{name} has width {e.shape[1]} but the model expects {dim}")
     if not bool(torch.isfinite(e).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    return e.to(torch.float32)
+    e32 = e.to(torch.float32)
+    if e.dtype != torch.float32 and not bool(torch.isfinite(e32).all()):
+        raise ValueError(f"{name} has values beyond float32's range (|x| > 3.4e38)")
+    return e32
 
 
 __all__ = ["check_int", "check_float", "check_fits", "available_bytes", "validate_coords", "validate_embeddings"]

@@ -17,13 +17,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_float, check_int, validate_embeddings
+from .checks import check_fits, check_float, check_int, validate_embeddings
 from .data.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .encoders import STORED_ENCODERS, ImageEncoder, build_image_encoder
-from .kernels.ops import num_coeffs
+from .kernels.geometry import unit_rows
+from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
 from .model.retrieval import Gallery, neighbour_features, sample_holdout
@@ -199,7 +199,7 @@ class LocDiff(nn.Module):
     def condition(self, embeddings: Tensor) -> Tensor:
         """Validated (and, by default, L2-normalised) float32 embeddings on the model's device."""
         e = validate_embeddings(embeddings, "embeddings", self.config.cond_dim).to(self.device)
-        return F.normalize(e, dim=-1) if self.config.normalize_condition else e
+        return unit_rows(e) if self.config.normalize_condition else e
 
     def embed(self, inputs) -> Tensor:
         """Embeddings [N, D] from precomputed embeddings (a [N, D] tensor or array) or from images
@@ -239,7 +239,7 @@ class LocDiff(nn.Module):
             return cond
         k = self.config.retrieval_k
         centre, radius = (None, None) if coords is None else sample_holdout(coords, self.config.retrieval_holdout_km)
-        sims, nb = self.gallery.search(F.normalize(cond.float(), dim=-1), k, centre, radius)
+        sims, nb = self.gallery.search(unit_rows(cond.float()), k, centre, radius)
         feats, prior = neighbour_features(sims.to(cond.device), nb.to(cond.device), self.shdd,
                                           self.config.retrieval_temperature)
         return torch.cat([cond.float(), feats, prior], dim=-1)
@@ -270,7 +270,7 @@ class LocDiff(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _sampler(self, steps: Optional[int]):
-        steps = steps or self.config.sample_steps
+        steps = self.config.sample_steps if steps is None else steps
         if self.config.sampler == "ddpm":
             return DDPMSampler(self.schedule, steps, prediction=self.config.prediction)
         return DDIMSampler(self.schedule, steps, eta=self.config.eta, prediction=self.config.prediction)
@@ -317,15 +317,27 @@ class LocDiff(nn.Module):
                 map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0):
         """Batched inference: returns (coords [N, top_k, 2], scores [N, top_k], maps [N, nlat, nlon]
         or None) as CPU tensors; rows with fewer distinct modes than top_k are NaN / -inf padded."""
-        check_int(top_k, "top_k", 1)
-        S = check_int(self.config.num_samples if num_samples is None else num_samples, "num_samples", 1)
-        check_int(batch_size, "batch_size", 1)
+        (nlat, _), (nlon, _) = decode_grid_limits(self.config.L)
+        check_int(top_k, "top_k", 1, nlat * nlon)  # more modes than decoder grid cells cannot exist
+        S = check_int(self.config.num_samples if num_samples is None else num_samples, "num_samples", 1, 65_536)
+        check_int(batch_size, "batch_size", 1, 1 << 20)
+        if steps is not None:
+            check_int(steps, "steps", 1, self.config.train_timesteps)
+        if guidance_scale is not None:
+            check_float(guidance_scale, "guidance_scale", -100.0, 100.0)
+        check_int(seed, "seed", 0, 2**63 - 1)
+        if not (isinstance(map_size, (tuple, list)) and len(map_size) == 2):
+            raise ValueError(f"map_size must be (nlat, nlon), got {map_size!r}")
+        map_size = tuple(check_int(v, "map_size[i]", 1, 1 << 16) for v in map_size)
         agg = aggregate or self.config.aggregate
         if agg not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {agg!r}")
         cond = self.embed(inputs)
         if cond.shape[0] == 0:
             raise ValueError("inputs is empty: pass at least one image or embedding")
+        check_fits(self._predict_bytes(min(batch_size, cond.shape[0]), S, guidance_scale)
+                   + (cond.shape[0] * map_size[0] * map_size[1] * 8 if return_map else 0),
+                   cond.device, "num_samples/batch_size/map_size")
         gen = torch.Generator().manual_seed(seed)
         out_c, out_s, out_m = [], [], []
         for i in range(0, cond.shape[0], batch_size):
@@ -337,6 +349,14 @@ class LocDiff(nn.Module):
                 out_m.append(self.probability_map(samples, *map_size).cpu())
         maps = torch.cat(out_m) if return_map else None
         return torch.cat(out_c), torch.cat(out_s), maps
+
+    def _predict_bytes(self, rows: int, samples: int, guidance_scale: Optional[float]) -> int:
+        """Rough peak memory of sampling ``rows`` inputs x ``samples``: the sampler's copies of the
+        SHDD vectors and the denoiser's activations (twice with classifier-free guidance)."""
+        K, c = self.shdd.dim, self.config
+        per_sample = 4 * (8 * K + 4 * sum(c.widths) + 2 * (c.cond_dim + c.time_dim))
+        guided = (self.default_guidance if guidance_scale is None else guidance_scale) != 1.0
+        return rows * samples * per_sample * (2 if guided else 1)
 
     # ------------------------------------------------------------------ persistence
     def persistent_state_dict(self) -> Dict[str, Tensor]:

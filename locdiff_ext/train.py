@@ -35,13 +35,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from .data.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
                               remove_stale_temporaries, write_checkpoint)
 from .data.datasets import EmbeddingDataset
 from .evaluation.metrics import geolocation_metrics
+from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
 
 PathLike = Union[str, os.PathLike]
@@ -218,7 +218,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
 
     def _normalize(self, e: Tensor) -> Tensor:
-        return F.normalize(e, dim=-1) if self.model.config.normalize_condition else e
+        return unit_rows(e) if self.model.config.normalize_condition else e
 
     # ------------------------------------------------------------------ randomness of one step
     def global_batch(self, step: int) -> Tensor:

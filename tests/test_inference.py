@@ -66,3 +66,68 @@ def test_geolocate_without_a_model_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCDIFF_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="locdiff demo"):
         ld.geolocate(torch.randn(1, 16))
+
+
+def test_top_k_costs_only_the_modes_that_exist(tmp_path):
+    """Issue 9, defect 6: L=32, 8 inputs, top_k=1000 used 1.26 GiB more than top_k=1 (a [B, top_k, cells]
+    mask for the scores); top_k=10**6 and num_samples=10**9 were allocator RuntimeErrors."""
+    prog = """
+import resource, torch, locdiff_ext as ld
+torch.manual_seed(0)
+m = ld.LocDiff(ld.LocDiffConfig(cond_dim=8, L=32, widths=(32, 16), time_dim=16, sample_steps=3, num_samples=16))
+e = torch.randn(8, 8)
+m.predict(e, top_k=1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+c, s, _ = m.predict(e, top_k=1000)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, int(torch.isfinite(s).sum()))
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    extra_mib, modes = map(int, proc.stdout.split())
+    assert extra_mib < 100 and modes >= 8
+    model = tiny_model(L=4)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 200\]"):  # the (2L+2) x (4L+4) decoder grid
+        model.predict(torch.randn(2, 16), top_k=10**6)
+    with pytest.raises(ValueError, match="num_samples"):
+        model.predict(torch.randn(2, 16), num_samples=10**9)
+    with pytest.raises(ValueError, match="num_samples/batch_size/map_size: this call would need"):
+        model.predict(torch.randn(4096, 16), num_samples=65_536, batch_size=4096)  # ~40 TiB of samples
+    c, s, _ = model.predict(torch.randn(2, 16), top_k=200)  # the most there can be: padded, not an error
+    assert c.shape == (2, 200, 2) and torch.isinf(s[:, -1]).all()
+
+
+def test_predict_validates_every_argument():
+    """Issue 9, defect 9: steps=0 silently meant the default; seed=2**70 'Overflow when unpacking long
+    long'; a NaN guidance_scale surfaced as 'coeffs contains NaN'."""
+    model = tiny_model(L=4)
+    e = torch.randn(2, 16)
+    for kwargs, err, match in [({"steps": 0}, ValueError, "steps must be in"), ({"steps": 10**6}, ValueError, "steps"),
+                               ({"seed": 2**70}, ValueError, "seed"), ({"seed": -1}, ValueError, "seed"),
+                               ({"seed": 1.5}, TypeError, "seed"), ({"guidance_scale": float("nan")}, ValueError,
+                                                                     "guidance_scale must be finite"),
+                               ({"map_size": (0, 10)}, ValueError, "map_size"), ({"map_size": 5}, ValueError, "map_size"),
+                               ({"batch_size": 0}, ValueError, "batch_size"), ({"aggregate": "median"}, ValueError,
+                                                                                "aggregate")]:
+        with pytest.raises(err, match=match):
+            model.predict(e, **kwargs)
+
+
+def test_huge_and_tiny_embeddings_keep_their_direction():
+    """Issue 9, defect 7: embeddings >= 1e19 overflowed the float32 normalisation into the all-zero
+    embedding's answer; 1e-30 ones underflowed."""
+    from locdiff_ext.kernels.geometry import unit_rows
+
+    model = tiny_model(L=4)
+    e = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    ref = model.condition(e)
+    for f in (1e-30, 1e-20, 1e19, 1e30):
+        torch.testing.assert_close(model.condition(e * f), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model.predict(e * 1e30, seed=3)[0], model.predict(e, seed=3)[0])
+    assert torch.equal(unit_rows(torch.zeros(2, 4)), torch.zeros(2, 4))
+    x = torch.randn(50, 7)
+    assert torch.equal(unit_rows(x), torch.nn.functional.normalize(x, dim=-1))  # bit for bit on ordinary rows
+    with pytest.raises(ValueError, match="float32's range"):
+        model.predict(torch.full((1, 16), 1e39, dtype=torch.float64))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.geometry import EARTH_RADIUS_KM, fibonacci_cells, latlon_to_xyz, xyz_to_latlon
+from ..kernels.geometry import EARTH_RADIUS_KM, fibonacci_cells, latlon_to_xyz, unit_rows, xyz_to_latlon
 from .metrics import geolocation_metrics, paired_bootstrap
 
 
@@ -47,12 +47,12 @@ class KNNRetrieval:
     """Top-1 retrieval over a gallery of (embedding, location) pairs."""
 
     def __init__(self, gallery_emb: Tensor, gallery_coords: Tensor):
-        self.emb = F.normalize(gallery_emb.float(), dim=-1)
+        self.emb = unit_rows(gallery_emb.float())
         self.coords = gallery_coords.double()
 
     @torch.no_grad()
     def predict(self, emb: Tensor, chunk: int = 1024) -> Tensor:
-        q = F.normalize(emb.float(), dim=-1)
+        q = unit_rows(emb.float())
         idx = torch.cat([(q[i:i + chunk] @ self.emb.T).argmax(-1) for i in range(0, q.shape[0], chunk)])
         return self.coords[idx]
 
@@ -102,8 +102,8 @@ def locdiff_h(modes: Tensor, query_emb: Tensor, gallery_emb: Tensor, gallery_coo
     """LocDiff-H: per query, the gallery location within ``radius_km`` of its LocDiff mode
     [N, 2] that is most similar to the query embedding; the mode itself where none is that close
     (or the mode is NaN)."""
-    q = F.normalize(query_emb.float(), dim=-1)
-    g = F.normalize(gallery_emb.float(), dim=-1)
+    q = unit_rows(query_emb.float())
+    g = unit_rows(gallery_emb.float())
     gxyz = latlon_to_xyz(gallery_coords.double())
     cos_r = math.cos(radius_km / EARTH_RADIUS_KM)
     out = modes.double().clone()
@@ -119,7 +119,7 @@ def locdiff_h(modes: Tensor, query_emb: Tensor, gallery_emb: Tensor, gallery_coo
 
 def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0) -> dict:
     """The three baselines fitted on (embeddings, coords): {'knn', 'grid', 'regression'}."""
-    emb_n = F.normalize(emb.float(), dim=-1)
+    emb_n = unit_rows(emb.float())
     return {"knn": KNNRetrieval(emb, coords), "grid": GridClassifier(steps=steps, seed=seed).fit(emb_n, coords),
             "regression": UnitVectorRegressor(steps=steps, seed=seed).fit(emb_n, coords)}
 
@@ -130,7 +130,7 @@ def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_co
     a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.  The two
     LocDiff rows come first."""
     modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed)
-    qn = F.normalize(queries.float(), dim=-1)
+    qn = unit_rows(queries.float())
     grid = baselines["grid"]
     k = locdiff.config.retrieval_k
     name, name_h = ("LocDiff", "LocDiff-H") if k == 0 else (f"LocDiff-R (k={k})", "LocDiff-R + H")

@@ -52,6 +52,20 @@ def xyz_to_latlon(v: Tensor) -> Tensor:
     return torch.stack([torch.rad2deg(torch.asin(v[..., 2].clamp(-1, 1))), torch.rad2deg(torch.atan2(v[..., 1], v[..., 0]))], -1)
 
 
+def unit_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm: ``F.normalize(x, dim=-1)`` bit for bit, except on rows whose
+    sum of squares overflows (float32 entries from ~1e19: F.normalize returns zeros) or underflows (it
+    returns a row far shorter than 1); those are first divided by their largest entry.  Zero rows stay 0."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    out = x / n.clamp(min=eps)
+    bad = ~torch.isfinite(n) | (n < eps)
+    if bool(bad.any()):
+        m = x.abs().amax(dim=-1, keepdim=True)
+        y = x / torch.where(m > 0, m, torch.ones_like(m))
+        out = torch.where(bad, y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp(min=eps), out)
+    return out
+
+
 def fibonacci_cells(n: int) -> Tensor:
     """``n`` near-uniform points on the sphere (Fibonacci lattice) as (lat, lon) degrees [n, 2]."""
     i = torch.arange(n, dtype=torch.float64)
@@ -61,4 +75,4 @@ def fibonacci_cells(n: int) -> Tensor:
 
 
 __all__ = ["EARTH_RADIUS_KM", "grid_latlon", "grid_points", "great_circle_km", "latlon_to_xyz", "xyz_to_latlon",
-           "fibonacci_cells"]
+           "fibonacci_cells", "unit_rows"]

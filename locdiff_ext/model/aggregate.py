@@ -64,9 +64,13 @@ class SampleAggregator:
         L = self.shdd.L
         nlat = 2 * L + 2  # cells of half the main lobe
         p = self.probability_map(samples, nlat, 2 * nlat).reshape(samples.shape[0], -1)
-        cells = grid_points(nlat, 2 * nlat, device=p.device)
-        near = latlon_to_xyz(coords.to(p)) @ latlon_to_xyz(cells.to(p)).T >= math.cos(math.pi / (L + 1))
-        return (near * p[:, None, :]).sum(-1)
+        cells = latlon_to_xyz(grid_points(nlat, 2 * nlat, device=p.device).to(p))
+        cos_lobe = math.cos(math.pi / (L + 1))
+        out = []
+        for i in range(0, coords.shape[1], 16):  # [B, 16, cells] at a time, whatever top_k
+            near = latlon_to_xyz(coords[:, i:i + 16].to(p)) @ cells.T >= cos_lobe
+            out.append((near * p[:, None, :]).sum(-1))
+        return torch.cat(out, 1) if out else p.new_zeros(coords.shape[:2])
 
     def decode_mean(self, samples: Tensor, top_k: int) -> Tuple[Tensor, Tensor]:
         """Modes of the sample mean, ordered by their lobe mass relative to a single Dirac's."""
@@ -74,8 +78,10 @@ class SampleAggregator:
         if self._dirac_mass is None:  # the most a prediction can hold within one lobe at this L
             at = torch.zeros(1, 1, 2, dtype=torch.float64, device=samples.device)
             self._dirac_mass = float(self.lobe_mass(self.shdd(at[0]).float()[None], at))
-        scores = (self.lobe_mass(samples, coords) / self._dirac_mass).clamp(max=1.0)
-        scores = torch.where(torch.isnan(coords[..., 0]), torch.full_like(scores, float("-inf")), scores)
+        found = int((~torch.isnan(coords[..., 0])).sum(-1).max()) if coords.numel() else 0  # modes come first
+        scores = torch.full(coords.shape[:2], float("-inf"), dtype=torch.float64, device=coords.device)
+        mass = (self.lobe_mass(samples, coords[:, :found]) / self._dirac_mass).clamp(max=1.0)
+        scores[:, :found] = torch.where(torch.isnan(coords[:, :found, 0]), scores[:, :found], mass.to(scores))
         order = scores.argsort(dim=1, descending=True, stable=True)  # best first by probability mass
         return coords.gather(1, order[..., None].expand(-1, -1, 2).to(coords.device)), scores.gather(1, order)
 
@@ -90,6 +96,8 @@ class SampleAggregator:
         scores = torch.full((B, top_k), float("-inf"), dtype=torch.float64)
         free = torch.ones(B, S, dtype=torch.bool)
         for k in range(top_k):
+            if not bool(free.any()):  # every sample is in a cluster already: the rest is padding
+                break
             counts = (near & free[:, None, :]).sum(-1).masked_fill(~free, -1)
             best = counts.argmax(-1)
             ok = counts.gather(1, best[:, None])[:, 0] > 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import validate_coords, validate_embeddings
-from ..kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from ..kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz, unit_rows, xyz_to_latlon
 
 
 SELF_KM = 1e-3  # the smallest hold-out radius (1 m): hides the sample itself
@@ -56,7 +56,7 @@ class Gallery(nn.Module):
         if e.shape[0] != c.shape[0]:
             raise ValueError(f"gallery embeddings has {e.shape[0]} rows but gallery coords has {c.shape[0]}")
         dev = self.embeddings.device
-        self.embeddings = F.normalize(e, dim=-1).to(dev)
+        self.embeddings = unit_rows(e).to(dev)
         self.coords = c.float().to(dev)
         return self
 
