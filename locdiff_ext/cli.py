@@ -17,6 +17,33 @@ from typing import List, Optional
 import torch
 
 
+def _device(value: str) -> str:
+    """--device: 'cpu', 'cuda' or 'cuda:N', refused here (exit status 2) when no such GPU is visible."""
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible to torch (a CPU build of torch, "
+                                             "or no GPU): use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value!r}: there are {torch.cuda.device_count()} GPUs")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{value!r}: only cpu and cuda devices are supported")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def _timeit(fn, min_time: float = 0.2, max_reps: int = 50) -> float:
     """Median seconds per call over repeated calls (after one warm-up)."""
     fn()
@@ -144,6 +171,8 @@ def _load_model(args):
 def _eval(args) -> int:
     from .evaluation import geolocation_metrics, markdown_table, write_report
 
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json: {args.json!r} is a directory; give the name of the JSON file to write")
     model = _load_model(args)
     data = _load_data(args.data, args.coords)
     coords, _, _ = model.predict(data.embeddings, num_samples=args.num_samples, steps=args.steps,
@@ -157,8 +186,6 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    import numpy as np
-
     from .inference import geolocate
 
     missing = [p for p in args.inputs if not Path(p).is_file()]
@@ -169,13 +196,10 @@ def _predict(args) -> int:
     if emb_files and len(emb_files) != len(args.inputs):
         raise ValueError("inputs: pass either image files or embedding files (.npy/.npz), not both")
     if emb_files:
-        from .checks import validate_embeddings
+        from .data import read_embeddings
 
-        arrays = []
-        for f in emb_files:
-            a = np.load(f, allow_pickle=False)
-            arrays.append(a["embeddings"] if isinstance(a, np.lib.npyio.NpzFile) else a)
-        inputs = torch.cat([validate_embeddings(a, f"embeddings in {f}") for a, f in zip(arrays, emb_files)])
+        arrays = [read_embeddings(f) for f in emb_files]
+        inputs = torch.cat(arrays)
         names = [f"{f}[{i}]" for f, a in zip(emb_files, arrays) for i in range(len(a))]
     else:
         inputs, names = list(args.inputs), list(args.inputs)
@@ -200,7 +224,7 @@ def _demo(args) -> int:
         if args.retrieval_k < 0:
             raise ValueError(f"--retrieval-k must be >= 0, got {args.retrieval_k}")
         cfg.retrieval_k = args.retrieval_k
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     run_demo(cfg, out=args.out, progress=not args.no_progress)
     return 0
@@ -213,7 +237,7 @@ def _add_inference_flags(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: model config)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -242,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun "
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available; under torchrun "
                                                    "each process takes its LOCAL_RANK's GPU)")
     p.add_argument("--no-resume", action="store_true",
                    help="start a fresh run; refused where OUT holds a run, unless --overwrite")
@@ -271,14 +295,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    "geolocate() and `locdiff predict` use by default.")
     p.add_argument("--quick", action="store_true", help="the 1-minute version (smaller data, fewer steps)")
     p.add_argument("--out", help="output directory (default: $LOCDIFF_HOME, else ~/.cache/locdiff)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--retrieval-k", type=int, default=None,
                    help="neighbours a retrieval-conditioned LocDiff sees (default 8; 0: the paper's plain LocDiff)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="time the SH kernels and a sampling step on this machine")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--degrees", type=int, nargs="+", default=[16, 64, 128], metavar="L")
     p.add_argument("--quick", action="store_true", help="smaller problem sizes")
@@ -287,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, ImportError, OSError) as exc:  # OSError: missing files, full disks, permissions
         print(f"locdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -204,8 +204,23 @@ class LocDiff(nn.Module):
     def embed(self, inputs) -> Tensor:
         """Embeddings [N, D] from precomputed embeddings (a [N, D] tensor or array) or from images
         (paths, PIL images, [3, H, W] tensors or a [N, 3, H, W] tensor) through the image encoder."""
+        if inputs is None:
+            raise TypeError("inputs must be images (paths, PIL images, tensors) or embeddings [N, D], got None")
+        rows = (list, tuple)
+        if isinstance(inputs, rows) and inputs and all(isinstance(r, rows) or (isinstance(r, np.ndarray) and r.ndim == 1)
+                                                       for r in inputs):
+            try:  # embeddings given as a list of rows
+                inputs = np.asarray(inputs, dtype=np.float64)
+            except (ValueError, TypeError):
+                raise ValueError("inputs: a list of rows must be embeddings of one width holding numbers, [N, D]") from None
         if isinstance(inputs, np.ndarray):
-            inputs = torch.from_numpy(inputs)
+            if inputs.ndim == 2:
+                inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+            elif inputs.ndim in (3, 4):  # one H x W x C image or N of them, as PIL and OpenCV hold them
+                inputs = [inputs] if inputs.ndim == 3 else list(inputs)
+            else:
+                raise ValueError(f"inputs: expected embeddings [N, D] or images [H, W, 3] / [N, H, W, 3], got an array "
+                                 f"of shape {inputs.shape}")
         if isinstance(inputs, Tensor) and inputs.dim() == 2:
             return self.condition(inputs)
         if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, Tensor) and inputs.dim() == 3):

@@ -1,10 +1,14 @@
 """The `locdiff` console script through subprocesses: train, eval, predict, errors, help."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from locdiff_ext import cli
 from locdiff_ext.kernels.geometry import great_circle_km
 
 from helpers import REGION_CENTRES, region_dataset, run_cli
@@ -45,3 +49,64 @@ def test_cli_train_eval_predict(tmp_path):
     assert bad.returncode == 2 and "is a file" in bad.stderr and "Traceback" not in bad.stderr
     for cmd in ("train", "eval", "predict", "bench"):
         assert run_cli(cmd, "--help", cwd=tmp_path).stdout.startswith("usage: locdiff " + cmd)
+
+
+FIXTURE_MODEL = Path(__file__).resolve().parent / "fixtures" / "saved_model_v0.1"
+
+
+def _main(argv, capsys):
+    """locdiff ARGV in-process: (exit status, stderr).  A traceback would be an exception here."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: usage line + error line, status 2
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    """Issue 9, defect 8: each of these printed a traceback."""
+    np.savez(tmp_path / "no_emb.npz", other=np.zeros((2, 8), np.float32))
+    np.savez(tmp_path / "ok.npz", embeddings=np.zeros((2, 8), np.float32))
+    (tmp_path / "trunc.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:60])
+    (tmp_path / "adir").mkdir()
+    val, _ = region_dataset(20, seed=1, dim=8)
+    val.save(tmp_path / "val.npz")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: a decompression bomb to Pillow
+    cases = [
+        (["predict", tmp_path / "no_emb.npz", "--model", FIXTURE_MODEL], "no 'embeddings' array"),
+        (["predict", tmp_path / "trunc.npz", "--model", FIXTURE_MODEL], "cannot be read"),
+        (["predict", tmp_path / "big.png", "--model", FIXTURE_MODEL], "too large to decode safely"),
+        (["eval", tmp_path / "val.npz", "--model", FIXTURE_MODEL, "--json", tmp_path / "adir"], "is a directory"),
+        (["predict", tmp_path / "ok.npz", "--model", FIXTURE_MODEL, "--device", "tpu"], "'tpu' is not a device"),
+        (["predict", tmp_path / "ok.npz", "--model", FIXTURE_MODEL, "--device", "gpu0"], "is not a device"),
+        (["demo", "--threads", "-1"], "must be >= 1"),
+        (["predict", tmp_path / "ok.npz", "--model", tmp_path / "adir"], "manifest.json is missing"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", tmp_path / "val.npz", "--device", "cuda"], "no CUDA GPU"))
+    for argv, message in cases:
+        rc, err = _main(argv, capsys)
+        assert rc == 2 and message in err and "Traceback" not in err, (argv, rc, err)
+        assert err.strip().splitlines()[-1].startswith("locdiff "), err  # one error line (argparse adds its usage)
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_an_os_error(tmp_path):
+    """SafetensorError escaped from write_checkpoint when the disk filled up; now an OSError naming the
+    checkpoint (the CLI prints it as one line), and no half-written temporary is left behind."""
+    prog = """
+import resource, signal, torch
+from locdiff_ext.data import write_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # over the size limit a write fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    write_checkpoint("ck", {"model": {"w": torch.zeros(1 << 20)}}, {"config": {}})
+except OSError as e:
+    print("OSError", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("OSError cannot write checkpoint 'ck'"), \
+        (proc.stdout, proc.stderr[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -131,3 +131,18 @@ def test_huge_and_tiny_embeddings_keep_their_direction():
     assert torch.equal(unit_rows(x), torch.nn.functional.normalize(x, dim=-1))  # bit for bit on ordinary rows
     with pytest.raises(ValueError, match="float32's range"):
         model.predict(torch.full((1, 16), 1e39, dtype=torch.float64))
+
+
+def test_embeddings_as_lists_and_none():
+    """Issue 9, defect 9: a list of lists was reported as 'inputs look like images'; None gave
+    "'NoneType' object is not iterable"."""
+    model = tiny_model(L=4)
+    e = torch.randn(2, 16)
+    a = ld.geolocate(e.tolist(), model=model)
+    b = ld.geolocate(e, model=model)
+    assert [(r.lat, r.lon) for r in a] == [(r.lat, r.lon) for r in b]
+    assert len(ld.geolocate([np.asarray(row) for row in e.tolist()], model=model)) == 2
+    with pytest.raises(TypeError, match="inputs must be images .* got None"):
+        ld.geolocate(None, model=model)
+    with pytest.raises(ValueError, match="one width"):
+        ld.geolocate([[1.0, 2.0], [3.0]], model=model)

@@ -5,9 +5,9 @@ checkpoint directories of safetensors + JSON, written atomically and verified on
 from ..checks import validate_coords, validate_embeddings
 from .checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
                          remove_stale_temporaries, write_checkpoint)
-from .datasets import TAR_SEPARATOR, EmbeddingDataset, load_dataset, read_image_csv
+from .datasets import TAR_SEPARATOR, EmbeddingDataset, load_dataset, read_embeddings, read_image_csv
 
-__all__ = ["EmbeddingDataset", "load_dataset", "read_image_csv", "validate_coords", "validate_embeddings",
+__all__ = ["EmbeddingDataset", "load_dataset", "read_embeddings", "read_image_csv", "validate_coords", "validate_embeddings",
            "CheckpointError", "read_checkpoint", "write_checkpoint", "list_checkpoints", "latest_checkpoint",
            "checkpoint_step", "remove_stale_temporaries",
            "TAR_SEPARATOR"]

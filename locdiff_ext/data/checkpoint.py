@@ -46,6 +46,7 @@ def write_checkpoint(
 ) -> Path:
     """Writes ``{name}.safetensors`` for each entry of ``tensors`` and ``{name}.json`` for each
     entry of ``documents`` into ``directory``, atomically (temp dir + rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -73,6 +74,9 @@ def write_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except SafetensorError as exc:  # e.g. a full disk while writing tensors: an I/O error like any other
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write checkpoint {str(directory)!r}: {exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

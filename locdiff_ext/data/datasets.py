@@ -140,6 +140,28 @@ def load_dataset(path: PathLike, coords: Optional[PathLike] = None) -> Embedding
     raise ValueError(f"data file {str(path)!r}: unsupported format {suffix!r} (.npz, .npy, .safetensors, .parquet)")
 
 
+def read_embeddings(path: PathLike) -> Tensor:
+    """Query embeddings [N, D] float32 from an ``.npy`` file or the ``embeddings`` array of an ``.npz``
+    (nothing is unpickled); missing, truncated or malformed files raise FileNotFoundError / ValueError
+    naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {str(path)!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            a = np.load(f, allow_pickle=False)
+            if isinstance(a, np.lib.npyio.NpzFile):
+                with a:
+                    if "embeddings" not in a.files:
+                        raise ValueError(f"{str(path)!r} has no 'embeddings' array (found {sorted(a.files)[:10]})")
+                    a = a["embeddings"]
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError, pickle refusals: no common base class
+        raise ValueError(f"embeddings file {str(path)!r} cannot be read: {type(exc).__name__}: {exc}") from None
+    return validate_embeddings(a, f"embeddings in {path}")
+
+
 def read_image_csv(csv_path: PathLike, image_root: PathLike, check_files: bool = True) -> Tuple[List[str], Tensor, List[str]]:
     """The usual geolocation CSV layouts (MP16, Im2GPS3k, YFCC4k/26k, GeoCLIP's): an image column
     (IMG_FILE, IMG_ID, image, image_path, path, file or filename) and latitude / longitude columns

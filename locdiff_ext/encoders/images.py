@@ -61,6 +61,8 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
             source = _open_member(str(image))
         else:
             source = Path(image)
+            if source.is_dir():
+                raise ValueError(f"image {name!r} is a directory, not an image file")
             if not source.is_file():
                 raise FileNotFoundError(f"image file {name!r} does not exist")
         try:
@@ -69,6 +71,8 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
                 img = im.convert("RGB")
         except UnidentifiedImageError:
             raise ValueError(f"image file {name!r} is not an image (or of an unknown format)") from None
+        except Image.DecompressionBombError as exc:  # Pillow's guard against decompression bombs
+            raise ValueError(f"image file {name!r} is too large to decode safely: {exc}") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"image file {name!r} is corrupt or truncated: {exc}") from None
     elif isinstance(image, Image.Image):
@@ -82,13 +86,21 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
 
 
 def image_to_tensor(image: ImageLike, size: int, center_crop: bool = False) -> Tensor:
-    """One image -> float32 [3, size, size] in [0, 1].  Default: the whole image resized to
-    size x size (bilinear); ``center_crop``: CLIP's preprocessing, shortest side resized to
-    ``size`` (bicubic), then the central size x size square."""
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(image)
+    """One image -> float32 [3, size, size] in [0, 1].  Tensors are [3, H, W] or [H, W]; numpy arrays are
+    H x W x 3 (RGB; OpenCV users convert from BGR first) or H x W; uint8 means 0..255, floats 0..1.
+    Default: the whole image resized to size x size (bilinear); ``center_crop``: CLIP's preprocessing,
+    shortest side resized to ``size`` (bicubic), then the central size x size square."""
+    if isinstance(image, np.ndarray):  # H x W x C (RGB, or RGBA: alpha dropped) or H x W, as PIL and OpenCV hold them
+        a = image
+        if a.ndim == 3 and a.shape[-1] in (3, 4):
+            a = a[..., :3].transpose(2, 0, 1)
+        elif a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        image = torch.from_numpy(np.ascontiguousarray(a))
     if isinstance(image, Tensor):
         t = image
+        if not (t.dtype == torch.uint8 or t.dtype.is_floating_point) or t.dtype.is_complex:
+            raise TypeError(f"images: an image tensor must be uint8 (0..255) or float (0..1), got {t.dtype}")
         if t.dim() == 2:
             t = t[None]
         if t.dim() != 3 or t.shape[0] not in (1, 3):

@@ -12,12 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_int
+
 EARTH_RADIUS_KM = 6371.0088
 
 
 def grid_latlon(nlat: int, nlon: int, dtype=torch.float64, device=None) -> Tuple[Tensor, Tensor]:
     """Cell-centre latitudes (north to south) and longitudes (west to east) of the grids that
     ``sh_synthesis`` returns: lat_j = 90 - (j + 1/2) 180/nlat, lon_k = -180 + (k + 1/2) 360/nlon."""
+    check_int(nlat, "nlat", 1)
+    check_int(nlon, "nlon", 1)
     j = torch.arange(nlat, dtype=dtype, device=device)
     k = torch.arange(nlon, dtype=dtype, device=device)
     return 90.0 - (j + 0.5) * 180.0 / nlat, -180.0 + (k + 0.5) * 360.0 / nlon

@@ -108,6 +108,8 @@ def _decode_bytes(B: int, L: int, top_k: int, nlat: int, nlon: int, candidates: 
 
 def _basis_impl(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
     _check_coord_values(coords)
+    if weights is not None:
+        _check_finite(weights, "weights")
     n, K = coords.shape[0], num_coeffs(L)
     check_fits(n * K * coords.element_size(), coords.device, "coords/L")
     out = coords.new_empty((n, K))
@@ -266,6 +268,9 @@ def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Ten
         raise ValueError(f"weights is on {weights.device} but coords is on {flat.device}")
     if weights.dtype != flat.dtype:
         raise TypeError(f"weights dtype {weights.dtype} differs from coords dtype {flat.dtype}")
+    if weights.requires_grad:
+        raise ValueError("weights: gradients with respect to the per-degree weights are not supported; pass "
+                         "weights.detach() (gradients with respect to coords are)")
     return _shdd_encode_op(flat, L, weights.contiguous()).reshape(*lead, num_coeffs(L))
 
 

@@ -85,3 +85,26 @@ def test_tar_members_read_concurrently_are_intact(tmp_path):
         images = list(pool.map(load_image, refs))
     for i, im in enumerate(images):
         assert np.array_equal(np.asarray(im), arrays[i % len(arrays)])
+
+
+def test_images_of_every_usual_form_and_clear_refusals(tmp_path):
+    """Issue 13 item 7: numpy H x W x 3 images (as PIL and OpenCV hold them) were rejected; issue 9,
+    defect 9: a directory was 'does not exist'; complex and bool image tensors were accepted."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = ld.LocDiff(ld.LocDiffConfig(cond_dim=16, L=4, widths=(16,), time_dim=8, sample_steps=2, num_samples=2),
+                       image_encoder=SmallCNNEncoder(dim=16, image_size=16, channels=(8,)))
+    px = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)  # the encoder size: no resampling
+    Image.fromarray(px).save(tmp_path / "a.png")
+    ref = model.embed([tmp_path / "a.png"])
+    torch.testing.assert_close(model.embed(px), ref)                    # one H x W x 3 array
+    torch.testing.assert_close(model.embed(px[None].repeat(2, 0)), ref.expand(2, -1))  # N x H x W x 3
+    torch.testing.assert_close(model.embed([px, Image.open(tmp_path / "a.png")]), ref.expand(2, -1))
+    rgba = np.concatenate([px, np.full((16, 16, 1), 255, np.uint8)], -1)
+    torch.testing.assert_close(model.embed([rgba]), ref)                # alpha dropped
+    with pytest.raises(ValueError, match="is a directory"):
+        ld.geolocate([tmp_path], model=model)
+    for bad in (torch.rand(3, 16, 16) > 0.5, torch.rand(3, 16, 16, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="uint8 .* or float"):
+            ld.geolocate([bad], model=model)

@@ -113,3 +113,19 @@ def test_memory_guard_counts_working_memory_against_what_is_available(monkeypatc
     with pytest.raises(ValueError, match="coords/L"):
         ld.sh_basis(torch.zeros(100_000, 2), 100)
     ld.sh_synthesis(torch.zeros(1, 25), 10, 20)  # small work still runs
+
+
+def test_grid_and_weight_arguments_are_checked():
+    """Issue 9, defect 9: grid_latlon(2.5, 4) returned cells ending at -90 and a negative size gave a bare
+    RuntimeError; NaN weights gave an all-NaN output; weights with requires_grad silently got no gradient."""
+    with pytest.raises(TypeError, match="nlat must be an int"):
+        ld.grid_latlon(2.5, 4)
+    with pytest.raises(ValueError, match="nlon must be >= 1"):
+        ld.grid_latlon(4, -1)
+    pts = torch.tensor([[10.0, 20.0]], dtype=torch.float64)
+    w = torch.ones(5, dtype=torch.float64)
+    w[2] = float("nan")
+    with pytest.raises(ValueError, match="weights contains NaN"):
+        ld.shdd_encode(pts, 4, weights=w)
+    with pytest.raises(ValueError, match="weights.detach"):
+        ld.shdd_encode(pts, 4, weights=torch.ones(5, dtype=torch.float64, requires_grad=True))
