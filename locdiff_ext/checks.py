@@ -45,22 +45,49 @@ def check_float(v, name: str, lo: Optional[float] = None, hi: Optional[float] = 
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory that can be allocated now on ``device``: free GPU memory, or the kernel's MemAvailable
-    (free RAM plus reclaimable caches), not the machine's total."""
+    """Memory that can be allocated now on ``device``: free GPU memory; on the CPU the kernel's
+    MemAvailable (free RAM plus reclaimable caches, not the machine's total), lowered to what a
+    cgroup memory limit (containers) or an address-space ulimit still leaves this process."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    limits = [_meminfo_bytes("/proc/meminfo", "MemAvailable:")]
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            used = _meminfo_bytes("/proc/self/status", "VmSize:")
+            limits.append(soft - used if used is not None else None)
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX
         pass
     try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        if cap != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                limits.append(int(cap) - int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    known = [v for v in limits if v is not None]
+    if known:
+        return max(0, min(known))
+    try:  # pragma: no cover - not Linux
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 1 << 50
+
+
+def _meminfo_bytes(path: str, key: str) -> Optional[int]:
+    """A 'Key:   N kB' line of a /proc file in bytes, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_fits(nbytes: int, device: torch.device, what: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checks import check_int
+from ..checks import check_fits, check_int
 
 EARTH_RADIUS_KM = 6371.0088
 
@@ -22,6 +22,7 @@ def grid_latlon(nlat: int, nlon: int, dtype=torch.float64, device=None) -> Tuple
     ``sh_synthesis`` returns: lat_j = 90 - (j + 1/2) 180/nlat, lon_k = -180 + (k + 1/2) 360/nlon."""
     check_int(nlat, "nlat", 1)
     check_int(nlon, "nlon", 1)
+    check_fits((nlat + nlon) * 8, torch.device(device or "cpu"), "nlat/nlon")
     j = torch.arange(nlat, dtype=dtype, device=device)
     k = torch.arange(nlon, dtype=dtype, device=device)
     return 90.0 - (j + 0.5) * 180.0 / nlat, -180.0 + (k + 0.5) * 360.0 / nlon
@@ -31,6 +32,7 @@ def grid_points(nlat: int, nlon: int, dtype=torch.float64, device=None) -> Tenso
     """The cells of ``grid_latlon(nlat, nlon)`` as (lat, lon) points [nlat * nlon, 2], row-major
     (the flattening of ``sh_synthesis``'s [nlat, nlon] maps)."""
     lat, lon = grid_latlon(nlat, nlon, dtype=dtype, device=device)
+    check_fits(nlat * nlon * 2 * 8 * 2, torch.device(device or "cpu"), "nlat/nlon")
     return torch.stack(torch.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
 
 
