@@ -41,6 +41,7 @@ from .data.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoin
                               remove_stale_temporaries, write_checkpoint)
 from .data.datasets import EmbeddingDataset
 from .evaluation.metrics import geolocation_metrics
+from .checks import check_float, check_int
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
 
@@ -69,20 +70,28 @@ class TrainConfig:
     val_fraction: float = 0.05     # used when no validation set is given
 
     def __post_init__(self):
-        ints = ["steps", "batch_size", "warmup_steps", "eval_every", "eval_size", "eval_samples", "eval_steps",
-                "checkpoint_every", "keep_last", "log_every", "seed"]
-        for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainConfig: {name} must be an int >= 0, got {v!r}")
-        for name in ["steps", "batch_size", "keep_last", "log_every", "eval_samples", "eval_steps"]:
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1")
-        if not self.lr > 0 or not 0 <= self.ema_decay < 1 or not self.grad_clip >= 0:
-            raise ValueError("TrainConfig: need lr > 0, 0 <= ema_decay < 1, grad_clip >= 0")
+        """Checks every field (type, range, finiteness), naming it: a config may come from a JSON file."""
+        try:
+            for name in ["steps", "batch_size", "keep_last", "log_every", "eval_samples", "eval_steps"]:
+                check_int(getattr(self, name), name, 1, 2**62)
+            for name in ["warmup_steps", "eval_every", "eval_size", "checkpoint_every"]:
+                check_int(getattr(self, name), name, 0, 2**62)
+            check_int(self.seed, "seed", 0, 2**63 - 1)
+            check_float(self.lr, "lr", 0.0, lo_open=True)
+            check_float(self.weight_decay, "weight_decay", 0.0)
+            check_float(self.min_lr_ratio, "min_lr_ratio", 0.0, 1.0)
+            check_float(self.grad_clip, "grad_clip", 0.0)
+            check_float(self.ema_decay, "ema_decay", 0.0, 1.0, hi_open=True)
+            check_float(self.val_fraction, "val_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+            if not isinstance(self.amp, bool):
+                raise TypeError(f"amp must be a bool, got {self.amp!r}")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"TrainConfig: {exc}") from None
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"TrainConfig: expected a JSON object of fields, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"TrainConfig: unknown keys {unknown}")

@@ -218,3 +218,17 @@ def test_unfinished_checkpoint_writes_are_cleaned_and_a_file_is_no_out_dir(tmp_p
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="out_dir .*file.* is a file"):
         Trainer(tiny_model(), data, tmp_path / "file", cfg, progress=False)
+
+
+def test_train_config_checks_every_field():
+    for change, err, match in [({"lr": float("nan")}, ValueError, "lr must be finite"),
+                               ({"weight_decay": float("inf")}, ValueError, "weight_decay"),
+                               ({"min_lr_ratio": 2.0}, ValueError, "min_lr_ratio"),
+                               ({"val_fraction": 1.0}, ValueError, "val_fraction"),
+                               ({"seed": 2**70}, ValueError, "seed"), ({"steps": 0}, ValueError, "steps"),
+                               ({"batch_size": 2.0}, TypeError, "batch_size must be an int"),
+                               ({"amp": "yes"}, TypeError, "amp must be a bool")]:
+        with pytest.raises(err, match="TrainConfig: " + match):
+            TrainConfig(**change)
+    with pytest.raises(TypeError, match="JSON object"):
+        TrainConfig.from_dict([1, 2])
