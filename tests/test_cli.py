@@ -83,6 +83,7 @@ def test_user_errors_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
         (["predict", tmp_path / "ok.npz", "--model", FIXTURE_MODEL, "--device", "tpu"], "'tpu' is not a device"),
         (["predict", tmp_path / "ok.npz", "--model", FIXTURE_MODEL, "--device", "gpu0"], "is not a device"),
         (["demo", "--threads", "-1"], "must be >= 1"),
+        (["predict", tmp_path / "ok.npz", "--model", FIXTURE_MODEL, "--top-k", 2**30], "top_k must be in"),
         (["predict", tmp_path / "ok.npz", "--model", tmp_path / "adir"], "manifest.json is missing"),
     ]
     if not torch.cuda.is_available():

@@ -232,3 +232,6 @@ def test_train_config_checks_every_field():
             TrainConfig(**change)
     with pytest.raises(TypeError, match="JSON object"):
         TrainConfig.from_dict([1, 2])
+    for field in ("eta", "w0", "kl_temperature", "guidance_scale"):  # NaN surfaced later as "coeffs contains NaN"
+        with pytest.raises(ValueError, match=f"LocDiffConfig: {field} must be finite"):
+            ld.LocDiffConfig(cond_dim=4, **{field: float("nan")})

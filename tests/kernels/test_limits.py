@@ -127,5 +127,7 @@ def test_grid_and_weight_arguments_are_checked():
     w[2] = float("nan")
     with pytest.raises(ValueError, match="weights contains NaN"):
         ld.shdd_encode(pts, 4, weights=w)
+    with pytest.raises(ValueError, match="min_separation_km"):
+        ld.shdd_decode(ld.shdd_encode(pts, 4), min_separation_km=True)
     with pytest.raises(ValueError, match="weights.detach"):
         ld.shdd_encode(pts, 4, weights=torch.ones(5, dtype=torch.float64, requires_grad=True))
