@@ -59,6 +59,9 @@ def _timeit(fn, min_time: float = 0.2, max_reps: int = 50) -> float:
     return times[len(times) // 2]
 
 
+BENCH_OUTPUT_BYTES = 1 << 30  # the basis output per timed call: `locdiff bench` stays under ~2 GB at any L
+
+
 def _bench(args) -> int:
     from importlib.metadata import version
     from .kernels import has_cuda, sh_basis, shdd_decode, shdd_encode
@@ -76,10 +79,12 @@ def _bench(args) -> int:
     coords = torch.stack([torch.rad2deg(torch.asin(z)), torch.rand(n, generator=g, dtype=torch.float64) * 360 - 180], 1)
     print(f"locdiff_ext {version('locdiff_ext')}: {device}, {args.dtype}, CPU threads {_C.num_threads()}, "
           f"CUDA kernels compiled: {has_cuda()}")
-    print(f"{'L':>5} {'sh_basis N=' + str(n):>22} {'ns/coef':>8} {'max err':>9} "
-          f"{'shdd_decode B=' + str(B):>22} {'max km':>8}")
+    print(f"{'L':>5} {'N':>7} {'sh_basis':>12} {'ns/coef':>8} {'max err':>9} {'shdd_decode B=' + str(B):>20} "
+          f"{'max km':>8}")
+    budget = BENCH_OUTPUT_BYTES if not args.quick else BENCH_OUTPUT_BYTES // 4
     for L in args.degrees:
-        c = coords.to(device=device, dtype=dtype)
+        m = max(B, min(n, budget // ((L + 1) ** 2 * (4 if dtype == torch.float32 else 8))))  # points at this L
+        c = coords[:m].to(device=device, dtype=dtype)
         t_basis = _timeit(lambda: sh_basis(c, L))
         ref = sh_basis_ref(c[:200].cpu().double(), L)
         err = (sh_basis(c[:200], L).cpu().double() - ref).abs().max().item()
@@ -87,8 +92,8 @@ def _bench(args) -> int:
         t_dec = _timeit(lambda: shdd_decode(x))
         modes, _ = shdd_decode(x)
         km = great_circle_km(modes[:, 0].cpu(), coords[:B]).max().item()
-        ns = t_basis / (n * (L + 1) ** 2) * 1e9
-        print(f"{L:>5} {t_basis * 1e3:>19.2f} ms {ns:>8.3f} {err:>9.1e} {t_dec * 1e3:>19.2f} ms {km:>8.1e}")
+        ns = t_basis / (m * (L + 1) ** 2) * 1e9
+        print(f"{L:>5} {m:>7} {t_basis * 1e3:>9.2f} ms {ns:>8.3f} {err:>9.1e} {t_dec * 1e3:>17.2f} ms {km:>8.1e}")
     _bench_sampling(device)
     return 0
 
@@ -121,6 +126,8 @@ def _train(args) -> int:
     from .train import Trainer, TrainConfig
 
     cfg_file = json.loads(Path(args.config).read_text()) if args.config else {}
+    if not isinstance(cfg_file, dict) or not all(isinstance(v, dict) for v in cfg_file.values()):
+        raise ValueError('--config: expected {"model": {...}, "train": {...}}')
     unknown = sorted(set(cfg_file) - {"model", "train"})
     if unknown:
         raise ValueError(f"--config: unknown sections {unknown} (expected 'model' and 'train')")
@@ -135,6 +142,11 @@ def _train(args) -> int:
     for key in ("steps", "batch_size", "lr", "eval_every", "checkpoint_every", "seed"):
         if getattr(args, key) is not None:
             train_cfg[key] = getattr(args, key)
+    if "steps" not in train_cfg:  # scale with the data: about 50 epochs, within [1000, 20000] steps
+        batch = train_cfg.get("batch_size", TrainConfig.batch_size)
+        train_cfg["steps"] = int(min(20_000, max(1_000, round(50 * len(data) / max(1, batch)))))
+        print(f"locdiff train: {train_cfg['steps']} steps, about {train_cfg['steps'] * batch / len(data):.0f} epochs "
+              f"of {len(data)} rows (the default scales with the data; --steps to choose)", file=sys.stderr)
     train_config = TrainConfig.from_dict(train_cfg)
     torch.manual_seed(train_config.seed)  # the initial weights, reproducibly
     model = LocDiff(LocDiffConfig.from_dict(model_cfg))
@@ -162,8 +174,10 @@ def _load_model(args):
     from .locdiff import LocDiff
 
     path = _model_dir(args.model) if args.model else default_model_dir()
-    if not args.model and not path.exists():
-        raise FileNotFoundError(f"no --model given and no demo model at {path}: run `locdiff demo` first")
+    if not args.model:
+        if not path.exists():
+            raise FileNotFoundError(f"no --model given and no demo model at {path}: run `locdiff demo` first")
+        print(f"locdiff {args.command}: no --model given: using the demo model at {path}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LocDiff.from_pretrained(path, map_location=device)
 
@@ -176,7 +190,7 @@ def _eval(args) -> int:
     model = _load_model(args)
     data = _load_data(args.data, args.coords)
     coords, _, _ = model.predict(data.embeddings, num_samples=args.num_samples, steps=args.steps,
-                                 batch_size=args.batch_size, seed=args.seed)
+                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
     rows = {"LocDiff": geolocation_metrics(coords[:, 0], data.coords)}
     print(markdown_table(rows))
     if args.json:
@@ -204,7 +218,7 @@ def _predict(args) -> int:
     else:
         inputs, names = list(args.inputs), list(args.inputs)
     results = geolocate(inputs, model=model, top_k=args.top_k, num_samples=args.num_samples, steps=args.steps,
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
     records = [{"input": n, "modes": [{"lat": a, "lon": b, "score": s} for a, b, s in r.modes]}
                for n, r in zip(names, results)]
     if args.json:
@@ -238,6 +252,7 @@ def _add_inference_flags(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines (stderr)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -260,7 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--loss", choices=["shdd_kl", "mse"])
     p.add_argument("--prediction", choices=["x0", "epsilon"])
     p.add_argument("--cond-drop-prob", type=float)
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="optimisation steps (default: about 50 epochs, 1,000 to 20,000)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--eval-every", type=int)

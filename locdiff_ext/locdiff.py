@@ -29,6 +29,7 @@ from .model.diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedul
 from .model.retrieval import Gallery, neighbour_features, sample_holdout
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
+from .progress import Progress
 
 PathLike = Union[str, os.PathLike]
 LOSSES = ("shdd_kl", "mse")
@@ -329,9 +330,10 @@ class LocDiff(nn.Module):
     @torch.no_grad()
     def predict(self, inputs, top_k: int = 1, num_samples: Optional[int] = None, steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, aggregate: Optional[str] = None, return_map: bool = False,
-                map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0):
+                map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0, progress: bool = False):
         """Batched inference: returns (coords [N, top_k, 2], scores [N, top_k], maps [N, nlat, nlon]
-        or None) as CPU tensors; rows with fewer distinct modes than top_k are NaN / -inf padded."""
+        or None) as CPU tensors; rows with fewer distinct modes than top_k are NaN / -inf padded.
+        ``progress``: a bar on a terminal, periodic lines in logs (locdiff_ext.progress)."""
         (nlat, _), (nlon, _) = decode_grid_limits(self.config.L)
         check_int(top_k, "top_k", 1, nlat * nlon)  # more modes than decoder grid cells cannot exist
         S = check_int(self.config.num_samples if num_samples is None else num_samples, "num_samples", 1, 65_536)
@@ -355,13 +357,15 @@ class LocDiff(nn.Module):
                    cond.device, "num_samples/batch_size/map_size")
         gen = torch.Generator().manual_seed(seed)
         out_c, out_s, out_m = [], [], []
-        for i in range(0, cond.shape[0], batch_size):
-            samples = self.sample(cond[i:i + batch_size], S, steps, guidance_scale, gen)
-            c, s = self.aggregator(samples, top_k, agg)
-            out_c.append(c.cpu())
-            out_s.append(s.cpu())
-            if return_map:
-                out_m.append(self.probability_map(samples, *map_size).cpu())
+        with Progress(cond.shape[0], "predict", "input", enabled=progress) as bar:
+            for i in range(0, cond.shape[0], batch_size):
+                samples = self.sample(cond[i:i + batch_size], S, steps, guidance_scale, gen)
+                c, s = self.aggregator(samples, top_k, agg)
+                out_c.append(c.cpu())
+                out_s.append(s.cpu())
+                if return_map:
+                    out_m.append(self.probability_map(samples, *map_size).cpu())
+                bar.update(samples.shape[0])
         maps = torch.cat(out_m) if return_map else None
         return torch.cat(out_c), torch.cat(out_s), maps
 

@@ -44,6 +44,7 @@ from .evaluation.metrics import geolocation_metrics
 from .checks import check_float, check_int
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
+from .progress import Progress
 
 PathLike = Union[str, os.PathLike]
 
@@ -225,6 +226,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if (self.cfg.amp and self.device.type == "cuda") else None
         self.step = 0
         self.history: List[Dict[str, float]] = []
+        self._bar: Optional[Progress] = None  # during fit()
 
     def _normalize(self, e: Tensor) -> Tensor:
         return unit_rows(e) if self.model.config.normalize_condition else e
@@ -285,11 +287,16 @@ class Trainer:
         state = {"step": self.step, "scheduler": self.sched.state_dict(), "optimizer": opt_doc,
                  "history": self.history, "train_config": asdict(self.cfg), "world_size": self.world,
                  "data": self.data_fingerprint}
+        raw = {k: v for k, v in self.model.persistent_state_dict().items() if not k.startswith("gallery.")}
         path = write_checkpoint(self.out_dir / f"step_{self.step:08d}",
-                                {"model": self.ema.persistent_state_dict(),
-                                 "train_model": self.model.persistent_state_dict(),
+                                {"model": self.ema.persistent_state_dict(),  # with the gallery, once
+                                 "train_model": raw,
                                  "optimizer": opt_tensors},
                                 {"config": self.model.config.to_dict(), "trainer_state": state})
+        if self._bar is not None:
+            mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
+            self._bar.log(f"checkpoint {path.name}: {mb:.1f} MB (EMA and raw weights and AdamW state, for an exact "
+                          "resume; final/ holds the EMA model alone)")
         done = [p for p in list_checkpoints(self.out_dir) if checkpoint_step(p) <= self.step]
         for old in done[:-self.cfg.keep_last]:  # the newest keep_last, this one included, stay
             shutil.rmtree(old, ignore_errors=True)
@@ -303,7 +310,9 @@ class Trainer:
                                       "config, or start afresh with overwrite=True (--overwrite) or another out_dir")
             st = docs["trainer_state"]
             self._check_same_run(path, st)
-            self.model.load_persistent_state_dict(tensors["train_model"], f"{str(path)!r}: train_model")
+            raw = dict(tensors["train_model"])  # the gallery is saved once, with the EMA model
+            raw.update({k: v for k, v in tensors["model"].items() if k.startswith("gallery.") and k not in raw})
+            self.model.load_persistent_state_dict(raw, f"{str(path)!r}: train_model")
             self.ema.load_persistent_state_dict(tensors["model"], f"{str(path)!r}: model")
             self.opt.load_state_dict(_unflatten_optimizer(tensors["optimizer"], st["optimizer"]))
             self.sched.load_state_dict(st["scheduler"])
@@ -355,8 +364,6 @@ class Trainer:
         evaluations.  ``resume``: continue the run in out_dir (same settings and data, else
         CheckpointError); ``overwrite``: delete the run in out_dir and start afresh (without it, a
         fresh start over an existing run raises ValueError)."""
-        from tqdm.auto import tqdm
-
         if self.rank == 0:
             self._prepare_out_dir(resume, overwrite)
         if self.world > 1:
@@ -367,8 +374,8 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (self.progress and self.rank == 0) else True,
-                   dynamic_ncols=True, desc="train", unit="step")
+        bar = self._bar = Progress(cfg.steps, "train", "step", enabled=self.progress and self.rank == 0,
+                                   initial=self.step)
         running, count, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
         while self.step < cfg.steps:
             running += self.train_step(self.step)
@@ -383,7 +390,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 running.zero_()
                 count, t0 = 0, time.perf_counter()
-            if cfg.eval_every and self.val_data is not None and self.step % cfg.eval_every == 0 and self.rank == 0:
+            due = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)  # the last step too
+            if due and self.val_data is not None and self.rank == 0:
                 m = self.evaluate()
                 self.history.append({"step": self.step, **{f"val_{k}": v for k, v in m.items()}})
                 bar.write(f"step {self.step}: val median {m['median_km']:.0f} km, "
@@ -391,6 +399,7 @@ class Trainer:
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        self._bar = None
         if self.rank == 0:
             self.ema.save_pretrained(self.out_dir / "final")
             (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))

@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Layer of each top-level part of the package: a module may import only the parts of lower layers and
 # its own part.  Parts on one layer are independent of each other.
 LAYERS = {
-    "checks": 0,
+    "checks": 0, "progress": 0,
     "kernels": 1, "_C": 1,
     "data": 2,
     "encoders": 3, "model": 3, "evaluation": 3,

@@ -62,7 +62,10 @@ def write_checkpoint(
         for path in sorted(tmp.iterdir()):
             files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=2))
+        mask = _umask()  # mkdtemp and safetensors make private (0700 / 0600) entries: give them the usual modes
+        os.chmod(tmp, 0o777 & ~mask)
         for path in tmp.iterdir():  # flush file contents before the rename makes them visible
+            os.chmod(path, 0o666 & ~mask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         if directory.exists():
@@ -81,6 +84,21 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it to read it would,
+    for an instant, give files that another thread creates the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the portable way, set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def _verified_manifest(directory: Path) -> dict:

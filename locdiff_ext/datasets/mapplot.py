@@ -2,7 +2,7 @@
 
 One panel per image: the Blue Marble as background, the predicted probability map as a heat
 overlay, the true location (green ring), the top-3 modes (1 red, 2 orange, 3 yellow) and the
-input crop in the corner.
+input crop in the corner; a legend under the panels says so.
 """
 
 from __future__ import annotations
@@ -22,6 +22,33 @@ def heat_colours(v: np.ndarray) -> np.ndarray:
     i = np.minimum(x.astype(int), len(_HEAT) - 2)
     f = (x - i)[..., None]
     return ((1 - f) * _HEAT[i] + f * _HEAT[i + 1]).astype(np.uint8)
+
+
+LEGEND_H = 40
+
+
+def _cross(d, x: float, y: float, colour) -> None:
+    d.line([(x - 7, y - 7), (x + 7, y + 7)], fill=colour, width=3)
+    d.line([(x - 7, y + 7), (x + 7, y - 7)], fill=colour, width=3)
+
+
+def _draw_legend(canvas, top: int, font) -> None:
+    """The key under the panels: true location, the top-3 modes, the probability scale, the inset."""
+    from PIL import ImageDraw
+
+    d = ImageDraw.Draw(canvas)
+    y = top + LEGEND_H // 2
+    d.ellipse([12, y - 9, 30, y + 9], outline=(30, 170, 30), width=3)
+    d.text((38, y - 8), "true location", fill=(0, 0, 0), font=font)
+    x = 160
+    for j, colour in enumerate(MODE_COLOURS):
+        _cross(d, x + 8, y, colour)
+        d.text((x + 22, y - 8), f"mode {j + 1}", fill=(0, 0, 0), font=font)
+        x += 90
+    ramp = heat_colours(np.linspace(0, 1, 160) ** 0.5)
+    for i, c in enumerate(ramp):
+        d.line([(x + 20 + i, y - 7), (x + 20 + i, y + 7)], fill=tuple(int(v) for v in c))
+    d.text((x + 190, y - 8), "predicted probability (low to high); inset: the input crop", fill=(0, 0, 0), font=font)
 
 
 def _to_px(lat: float, lon: float, w: int, h: int):
@@ -54,11 +81,12 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
     bg = _background(PANEL_W, PANEL_H)
     rows = (len(crops) + columns - 1) // columns
     caption_h = 22
-    canvas = Image.new("RGB", (columns * PANEL_W, rows * (PANEL_H + caption_h)), (255, 255, 255))
+    canvas = Image.new("RGB", (columns * PANEL_W, rows * (PANEL_H + caption_h) + LEGEND_H), (255, 255, 255))
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
+    _draw_legend(canvas, rows * (PANEL_H + caption_h), font)
     for k in range(len(crops)):
         p = maps[k].numpy()
         heat = np.kron(p / max(p.max(), 1e-300), np.ones((2, 2)))  # map cells -> panel pixels
@@ -70,9 +98,7 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
             lat, lon = coords[k, j].tolist()
             if np.isnan(lat):
                 continue
-            x, y = _to_px(lat, lon, PANEL_W, PANEL_H)
-            d.line([(x - 7, y - 7), (x + 7, y + 7)], fill=MODE_COLOURS[j], width=3)
-            d.line([(x - 7, y + 7), (x + 7, y - 7)], fill=MODE_COLOURS[j], width=3)
+            _cross(d, *_to_px(lat, lon, PANEL_W, PANEL_H), MODE_COLOURS[j])
         x, y = _to_px(*truths[k], PANEL_W, PANEL_H)
         d.ellipse([x - 9, y - 9, x + 9, y + 9], outline=(60, 255, 60), width=3)
         thumb = Image.fromarray(crops[k]).resize((72, 72), Image.NEAREST)

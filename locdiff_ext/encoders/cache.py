@@ -47,7 +47,8 @@ def embed_images(encoder: ImageEncoder, images: Sequence[PathLike], out_dir: Pat
     """Embeds ``images`` (paths or 'archive.tar::member' references) into ``out_dir`` (see the
     module docstring).  Returns out_dir."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+
+    from ..progress import Progress
 
     if len(images) == 0:
         raise ValueError("images is empty")
@@ -71,8 +72,7 @@ def embed_images(encoder: ImageEncoder, images: Sequence[PathLike], out_dir: Pat
     n_shards = (len(refs) + shard_size - 1) // shard_size
     todo = [k for k in range(n_shards) if not (out / f"shard_{k:05d}.safetensors").is_file()]
     done_rows = sum(min(shard_size, len(refs) - k * shard_size) for k in range(n_shards) if k not in set(todo))
-    bar = tqdm(total=len(refs), initial=done_rows, desc="embedding", unit="img", disable=None if progress else True,
-               dynamic_ncols=True)
+    bar = Progress(len(refs), "embedding", "img", enabled=progress, initial=done_rows)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for k in todo:
             chunk = refs[k * shard_size:(k + 1) * shard_size]

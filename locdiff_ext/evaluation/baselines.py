@@ -125,11 +125,11 @@ def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0)
 
 
 def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, progress: bool = False) -> dict:
     """{method: predictions [N, 2]} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines;
     a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.  The two
     LocDiff rows come first."""
-    modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed)
+    modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed, progress=progress)
     qn = unit_rows(queries.float())
     grid = baselines["grid"]
     k = locdiff.config.retrieval_k
@@ -144,11 +144,11 @@ def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_co
 
 
 def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
-                    truth: Tensor, seed: int = 0, paired: bool = False):
+                    truth: Tensor, seed: int = 0, paired: bool = False, progress: bool = False):
     """{method: metrics} of method_predictions against ``truth``; with ``paired``, also
     {'LocDiff row - baseline': metrics.paired_bootstrap(...)} for each LocDiff row and baseline:
     returns (metrics, differences)."""
-    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed)
+    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed, progress)
     metrics = {name: geolocation_metrics(p, truth) for name, p in preds.items()}
     if not paired:
         return metrics

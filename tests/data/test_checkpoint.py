@@ -3,7 +3,9 @@ of range, hostile JSON, a pickle swapped in, NaN galleries) raise CheckpointErro
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import locdiff_ext as ld
-from locdiff_ext.data import CheckpointError
+from locdiff_ext.data import CheckpointError, write_checkpoint
 
 
 def test_truncated_or_tampered_checkpoints_raise(trained, tmp_path):
@@ -155,3 +157,15 @@ def test_a_hostile_config_is_refused_before_it_allocates(tmp_path):
             f"try:\n    ld.LocDiff.from_pretrained({str(d)!r})\nexcept ld.CheckpointError as e:\n    print('refused:', e)\n")
     proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("refused:"), proc.stderr[-2000:]
+
+
+def test_checkpoints_get_the_usual_file_modes(tmp_path):
+    """Issue 13 item 7: saved models were 0600 (a private temp directory renamed into place), so other users
+    could not read a shared model directory; they follow the umask now."""
+    old = os.umask(0o022)
+    try:
+        d = write_checkpoint(tmp_path / "m", {"model": {"w": torch.zeros(3)}}, {"config": {"a": 1}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {0o644}

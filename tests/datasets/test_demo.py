@@ -27,7 +27,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert all(lo <= d <= hi for row in diffs.values() for d, lo, hi in row.values())
     assert "95% paired bootstrap" in out.stdout and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in out.stdout
     with Image.open(tmp_path / "demo" / "map.png") as im:
-        assert im.format == "PNG" and im.size == (1080, 3 * (270 + 22))
+        assert im.format == "PNG" and im.size == (1080, 3 * (270 + 22) + 40)  # 3 rows of 2 panels, the legend
         px = np.asarray(im.convert("RGB"))
         assert px.std() > 20  # a picture, not a blank canvas
     examples = sorted((tmp_path / "demo" / "examples").glob("*.png"))
