@@ -308,9 +308,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                        description="Builds the Blue Marble crop dataset, trains the image encoder, LocDiff and the "
                                    "baselines, prints the table, writes a map PNG and saves the model that "
                                    "geolocate() and `locdiff predict` use by default.")
-    p.add_argument("--quick", action="store_true", help="the 1-minute version (smaller data, fewer steps)")
+    p.add_argument("--quick", action="store_true", help="the half-minute version (smaller data, fewer steps)")
     p.add_argument("--out", help="output directory (default: $LOCDIFF_HOME, else ~/.cache/locdiff)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch and the kernels (one OpenMP runtime; default: every core)")
     p.add_argument("--retrieval-k", type=int, default=None,
                    help="neighbours a retrieval-conditioned LocDiff sees (default 8; 0: the paper's plain LocDiff)")
     p.add_argument("--no-progress", action="store_true")

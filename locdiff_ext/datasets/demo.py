@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from ..evaluation import compare_methods, fit_baselines, markdown_table, paired_
 from ..inference import default_model_dir
 from ..kernels.geometry import fibonacci_cells, latlon_to_xyz
 from ..locdiff import LocDiff, LocDiffConfig
-from ..train import Trainer, TrainConfig
+from ..train import Trainer, TrainConfig, run_files
 from ..progress import Progress
 from .bluemarble import BlueMarbleCrops, build_dataset
 
@@ -66,7 +67,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        """The 1-minute version (used by the tests)."""
+        """The half-minute version (used by the tests)."""
         return cls(num_crops=4000, encoder_epochs=3, diffusion_steps=300, eval_region=200, eval_random=200,
                    num_samples=8, baseline_steps=300, L=16, widths=(256, 128))
 
@@ -173,6 +174,9 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     trainer = Trainer(model, train_set, run_dir / "training", tcfg, val_data=EmbeddingDataset(emb[val_idx], coords[val_idx]),
                       progress=progress, device="cpu" if not torch.cuda.is_available() else None)
     trainer.fit(resume=False, overwrite=True)  # the demo's own scratch run: a rerun replaces it
+    for p in run_files(run_dir / "training"):  # its checkpoints (~100 MB) are scratch: the model is saved below
+        if p.is_dir():
+            shutil.rmtree(p)
     locdiff = trainer.ema.cpu().eval()
     baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
     timings["training_s"] = time.perf_counter() - t

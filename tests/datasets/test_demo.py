@@ -30,6 +30,8 @@ def test_demo_quick_end_to_end(tmp_path):
         assert im.format == "PNG" and im.size == (1080, 3 * (270 + 22) + 40)  # 3 rows of 2 panels, the legend
         px = np.asarray(im.convert("RGB"))
         assert px.std() > 20  # a picture, not a blank canvas
+    training = tmp_path / "demo" / "training"  # its scratch checkpoints are gone, its history stays
+    assert (training / "history.json").is_file() and not [p for p in training.iterdir() if p.is_dir()]
     examples = sorted((tmp_path / "demo" / "examples").glob("*.png"))
     assert len(examples) == 6
 
