@@ -94,22 +94,24 @@ def _bench(args) -> int:
         km = great_circle_km(modes[:, 0].cpu(), coords[:B]).max().item()
         ns = t_basis / (m * (L + 1) ** 2) * 1e9
         print(f"{L:>5} {m:>7} {t_basis * 1e3:>9.2f} ms {ns:>8.3f} {err:>9.1e} {t_dec * 1e3:>17.2f} ms {km:>8.1e}")
-    _bench_sampling(device)
+    _bench_sampling(device, args.quick)
     return 0
 
 
-def _bench_sampling(device: torch.device) -> None:
-    """One DDIM step (network + x0 update) and one full geolocate call of a default-size model."""
+def _bench_sampling(device: torch.device, quick: bool = False) -> None:
+    """One DDIM step (network + x0 update) and one full geolocate call of a default-size model
+    (``quick``: 8 inputs x 4 samples instead of 64 x 16)."""
     from .locdiff import LocDiff, LocDiffConfig
 
+    n, S = (8, 4) if quick else (64, 16)
     for L in (16, 32):
         model = LocDiff(LocDiffConfig(cond_dim=512, L=L)).to(device).eval()
-        emb = torch.randn(64, 512, device=device)
+        emb = torch.randn(n, 512, device=device)
         t_step = _timeit(lambda: model.sample(model.condition(emb), 1, steps=1))
-        t_full = _timeit(lambda: model.predict(emb, num_samples=16), min_time=0.5, max_reps=5)
-        print(f"L={L:<3} K={model.shdd.dim:<5} one sampling step, 64 inputs: {t_step * 1e3:8.2f} ms   "
-              f"geolocate 64 inputs x 16 samples x {model.config.sample_steps} steps: {t_full * 1e3:8.1f} ms "
-              f"({t_full / 64 * 1e3:.2f} ms per input)")
+        t_full = _timeit(lambda: model.predict(emb, num_samples=S), min_time=0.5, max_reps=5)
+        print(f"L={L:<3} K={model.shdd.dim:<5} one sampling step, {n} inputs: {t_step * 1e3:8.2f} ms   "
+              f"geolocate {n} inputs x {S} samples x {model.config.sample_steps} steps: {t_full * 1e3:8.1f} ms "
+              f"({t_full / n * 1e3:.2f} ms per input)")
 
 
 # ---------------------------------------------------------------------- train / eval / predict
