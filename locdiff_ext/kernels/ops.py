@@ -204,8 +204,11 @@ def _(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
 def _shdd_decode_op(
     coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int, min_separation: float
 ) -> Tuple[Tensor, Tensor]:
-    _check_finite(coeffs, "coeffs")
     B, K = coeffs.shape
+    amax = torch.linalg.vector_norm(coeffs, float("inf"), dim=-1, keepdim=True)  # NaN/inf rows give NaN/inf
+    if B and not bool(torch.isfinite(amax).all()):
+        raise ValueError("coeffs contains NaN or infinite values")
+    coeffs, scale = _scale_rows(coeffs, amax)
     L = degree_from_num_coeffs(K)
     check_fits(_decode_bytes(B, L, top_k, nlat or 2 * L + 2, nlon or 2 * (nlat or 2 * L + 2),
                              candidates or 2 * top_k + 2, coeffs.element_size()), coeffs.device, "coeffs/top_k/grid")
@@ -215,7 +218,19 @@ def _shdd_decode_op(
         _C.shdd_decode(_ptr(coeffs), _ptr(out_coords), _ptr(out_scores), B, L, top_k, nlat, nlon,
                        candidates, max_iter, min_separation, _DTYPE_CODE[coeffs.dtype],
                        _device_index(coeffs), _stream(coeffs))
-    return out_coords, out_scores
+    return out_coords, out_scores if scale is None else out_scores / scale
+
+
+def _scale_rows(coeffs: Tensor, amax: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """Modes do not depend on the scale of f, but the float32 coarse map does: rows whose largest
+    |c| lies outside [2^-60, 2^60] (|c| ~ 1e-45 underflows it, 1e40 overflows it) are scaled by an exact
+    power of two into [0.5, 1).  Ordinary rows are left alone, at no cost."""
+    nz = amax[amax > 0]
+    if not nz.numel() or (float(nz.min()) >= 2.0 ** -60 and float(nz.max()) <= 2.0 ** 60):
+        return coeffs, None
+    lim = 1000 if coeffs.dtype == torch.float64 else 120  # 2^lim must be representable in the dtype
+    scale = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax)[1].clamp(-lim, lim))
+    return coeffs * scale, scale
 
 
 @_shdd_decode_op.register_fake
@@ -323,7 +338,8 @@ def shdd_decode(
     points), and keeps modes at least ``min_separation_km`` apart (default: the main-lobe width
     pi/(L+1) of arc).  Returns coords [..., top_k, 2] (lat, lon degrees, lon in [-180, 180)) and
     scores [..., top_k] (f at the mode).  Rows with fewer distinct maxima than top_k are padded
-    with NaN coordinates and -inf scores.  Scale invariant: modes of c * f are those of f, scores c times."""
+    with NaN coordinates and -inf scores.  Scale invariant: modes of c * f are those of f, scores c times
+    (from 1e-300 to 1e300 in float64)."""
     flat, lead, L = _prep_coeffs(coeffs)
     (lat_lo, lat_hi), (lon_lo, lon_hi) = decode_grid_limits(L)
     nlat = 0 if nlat is None else check_int(nlat, "nlat", lat_lo, lat_hi)
@@ -344,12 +360,5 @@ def shdd_decode(
                 or not math.isfinite(min_separation_km) or min_separation_km < 0):
             raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
         min_sep = max(float(min_separation_km) / EARTH_RADIUS_KM, 1e-15)
-    # Modes do not depend on the scale of f: each row is scaled by a power of two (exact) into [0.5, 1),
-    # so that the float32 coarse map neither underflows (|c| ~ 1e-45) nor overflows (|c| ~ 1e40).  NaN/inf
-    # rows keep their NaN/inf through the scaling and are refused inside the op (which also runs compiled).
-    expo = torch.frexp(flat.abs().amax(dim=-1, keepdim=True).double())[1].clamp(-1000, 1000) if flat.shape[0] else None
-    scaled = flat if expo is None else torch.ldexp(flat.double(), -expo).to(flat.dtype)
-    out_coords, out_scores = _shdd_decode_op(scaled, top_k, nlat, nlon, candidates, max_iter, min_sep)
-    if expo is not None:
-        out_scores = torch.ldexp(out_scores.double(), expo).to(out_scores.dtype)
+    out_coords, out_scores = _shdd_decode_op(flat, top_k, nlat, nlon, candidates, max_iter, min_sep)
     return out_coords.reshape(*lead, top_k, 2), out_scores.reshape(*lead, top_k)
