@@ -99,7 +99,7 @@ def test_command_lines_run(line, place):
     line = re.sub(r"\[([^\]]*)\]", lambda m: "" if re.search(r"\b[A-Z]{2,}\b|cuda", m.group(1)) else m.group(1), line)
     for key, why in NOT_HERE.items():
         if key in line:
-            pytest.skip(f"{why}")
+            pytest.skip(reason=why)
     argv = shlex.split(shrink(line, multiline=True))
     if "train" in argv and "--steps" not in argv:  # the default scales with the data: a minute here
         argv += ["--steps", "20"]

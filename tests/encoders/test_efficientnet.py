@@ -21,7 +21,7 @@ def _sample_photo(name):
     """A photo from scikit-image's data folder, found without importing scikit-image."""
     spec = importlib.util.find_spec("skimage")
     if spec is None:
-        pytest.skip("needs scikit-image (in the test extras) for its sample photos")
+        pytest.skip(reason="needs scikit-image (in the test extras) for its sample photos")
     return Path(spec.submodule_search_locations[0]) / "data" / name
 
 
