@@ -1,0 +1,82 @@
+"""sh_synthesis vs ducc0's synthesis_2d (the SHT library behind healpy), B maps on the decoder's grid.
+
+The grid is (2L+2) x (4L+4), cell-centred: ducc0's geometry "F1" with phi0 = -pi + pi/nlon is exactly
+ours.  Our real coefficients become ducc0's complex ones (m >= 0, healpy order) by a_l0 = c_l0 and, for
+m > 0, a_lm = (-1)^m (c_{l,m} - i c_{l,-m}) / sqrt(2) (our real SH have no Condon-Shortley phase; the
+complex ones do).  The maps are checked equal before anything is timed.  ducc0 is called once per map
+from a Python loop (its alm argument holds components, not a batch), with the same thread count.
+
+Run:  pytest benchmarks/test_bench_synthesis.py --benchmark-json=bench_synthesis.json
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import locdiff_ext as ld
+from locdiff_ext.kernels._loader import _C
+
+THREADS = _C.num_threads()  # what benchmarks/conftest.py gives every implementation
+
+ducc0 = pytest.importorskip("ducc0", reason="ducc0 is not installed (pip install '.[bench]')")
+
+DEGREES = [32, 64, 128]
+BATCHES = [64, 256]
+
+
+def to_ducc_alm(c: np.ndarray, L: int) -> np.ndarray:
+    """Real coefficients [B, (L+1)^2] (column l*l + l + m) -> ducc0/healpy complex alm [B, nalm]."""
+    B = c.shape[0]
+    nalm = (L + 1) * (L + 2) // 2
+    alm = np.zeros((B, nalm), dtype=np.complex128)
+    for m in range(L + 1):
+        ls = np.arange(m, L + 1)
+        idx = m * (2 * L + 1 - m) // 2 + ls
+        if m == 0:
+            alm[:, idx] = c[:, ls * ls + ls]
+        else:
+            alm[:, idx] = (-1) ** m * (c[:, ls * ls + ls + m] - 1j * c[:, ls * ls + ls - m]) / math.sqrt(2)
+    return alm
+
+
+def ducc_maps(alm: np.ndarray, L: int, nlat: int, nlon: int) -> np.ndarray:
+    out = np.empty((alm.shape[0], nlat, nlon), dtype=np.float64 if alm.dtype == np.complex128 else np.float32)
+    for b in range(alm.shape[0]):
+        ducc0.sht.synthesis_2d(alm=alm[b:b + 1], spin=0, lmax=L, geometry="F1", ntheta=nlat, nphi=nlon,
+                               phi0=-math.pi + math.pi / nlon, nthreads=THREADS, map=out[b:b + 1])
+    return out
+
+
+def coeffs(B, L, dtype):
+    g = torch.Generator().manual_seed(L)
+    return torch.randn(B, (L + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("L", DEGREES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_locdiff(benchmark, B, L, dtype):
+    x = coeffs(B, L, dtype)
+    nlat, nlon = 2 * L + 2, 4 * L + 4
+    ours = ld.sh_synthesis(x, nlat, nlon)
+    ref = ducc_maps(to_ducc_alm(x.double().numpy(), L), L, nlat, nlon)
+    err = np.abs(ours.double().numpy() - ref).max() / np.abs(ref).max()
+    assert err < (1e-12 if dtype == torch.float64 else 1e-5), err  # the same maps, or the timing means nothing
+    benchmark.group = f"sh_synthesis L={L} B={B} {str(dtype)[6:]}"
+    benchmark.extra_info["max_rel_err_vs_ducc0"] = float(err)
+    benchmark(ld.sh_synthesis, x, nlat, nlon)
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("L", DEGREES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_ducc0(benchmark, B, L, dtype):
+    x = coeffs(B, L, dtype)
+    nlat, nlon = 2 * L + 2, 4 * L + 4
+    alm = to_ducc_alm(x.double().numpy(), L)
+    if dtype == torch.float32:
+        alm = alm.astype(np.complex64)
+    benchmark.group = f"sh_synthesis L={L} B={B} {str(dtype)[6:]}"
+    benchmark(ducc_maps, alm, L, nlat, nlon)
