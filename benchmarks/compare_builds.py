@@ -5,7 +5,7 @@ and alternating runs, since these machines are noisy (BENCHMARKS.md, section 5):
     for i in 1 2 3 4 5; do venv_a/bin/python benchmarks/compare_builds.py > a_$i.json
                            venv_b/bin/python benchmarks/compare_builds.py > b_$i.json; done
 """
-import json, time, sys
+import json, time
 import torch
 import locdiff_ext as ld
 

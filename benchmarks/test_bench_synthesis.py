@@ -49,34 +49,30 @@ def ducc_maps(alm: np.ndarray, L: int, nlat: int, nlon: int) -> np.ndarray:
     return out
 
 
-def coeffs(B, L, dtype):
+@pytest.fixture(params=[(d, L, B) for d in (torch.float64, torch.float32) for L in DEGREES for B in BATCHES],
+                ids=lambda p: f"{str(p[0])[6:]}-L{p[1]}-B{p[2]}")
+def case(request, benchmark):
+    """Random coefficients [B, (L+1)^2] of one (dtype, L, B), the decoder's grid, and the benchmark's group."""
+    dtype, L, B = request.param
     g = torch.Generator().manual_seed(L)
-    return torch.randn(B, (L + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(B, (L + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
+    benchmark.group = f"sh_synthesis L={L} B={B} {str(dtype)[6:]}"
+    return x, L, 2 * L + 2, 4 * L + 4
 
 
-@pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize("L", DEGREES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_locdiff(benchmark, B, L, dtype):
-    x = coeffs(B, L, dtype)
-    nlat, nlon = 2 * L + 2, 4 * L + 4
+def test_locdiff(benchmark, case):
+    x, L, nlat, nlon = case
     ours = ld.sh_synthesis(x, nlat, nlon)
     ref = ducc_maps(to_ducc_alm(x.double().numpy(), L), L, nlat, nlon)
     err = np.abs(ours.double().numpy() - ref).max() / np.abs(ref).max()
-    assert err < (1e-12 if dtype == torch.float64 else 1e-5), err  # the same maps, or the timing means nothing
-    benchmark.group = f"sh_synthesis L={L} B={B} {str(dtype)[6:]}"
+    assert err < (1e-12 if x.dtype == torch.float64 else 1e-5), err  # the same maps, or the timing means nothing
     benchmark.extra_info["max_rel_err_vs_ducc0"] = float(err)
     benchmark(ld.sh_synthesis, x, nlat, nlon)
 
 
-@pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize("L", DEGREES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_ducc0(benchmark, B, L, dtype):
-    x = coeffs(B, L, dtype)
-    nlat, nlon = 2 * L + 2, 4 * L + 4
+def test_ducc0(benchmark, case):
+    x, L, nlat, nlon = case
     alm = to_ducc_alm(x.double().numpy(), L)
-    if dtype == torch.float32:
+    if x.dtype == torch.float32:
         alm = alm.astype(np.complex64)
-    benchmark.group = f"sh_synthesis L={L} B={B} {str(dtype)[6:]}"
     benchmark(ducc_maps, alm, L, nlat, nlon)

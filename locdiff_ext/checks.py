@@ -113,7 +113,8 @@ def validate_coords(coords, name: str = "coords") -> Tensor:
         raise ValueError(f"{name} contains NaN or infinite values")
     if bool((c[:, 0].abs() > 90).any()):
         raise ValueError(f"{name}: latitude (column 0) must lie in [-90, 90] degrees")
-    lon = torch.remainder(c[:, 1] + 180.0, 360.0) - 180.0
+    # fmod first (exact): lon + 180 would round 1e20 to 1e20 and lose the angle (1e20 is -80 degrees)
+    lon = torch.remainder(torch.fmod(c[:, 1], 360.0) + 180.0, 360.0) - 180.0
     return torch.stack([c[:, 0], lon], 1)
 
 

@@ -172,6 +172,7 @@ class LocDiff(nn.Module):
                                      for k, v in build_image_encoder(enc).state_dict().items()})
         except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{source}: the config cannot be built: {exc}") from None
+        n = 0  # gallery entries
         if config.retrieval_k:
             g = state.get("gallery.embeddings")
             n = g.shape[0] if g is not None else 0
@@ -187,7 +188,7 @@ class LocDiff(nn.Module):
         for k, v in state.items():
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise CheckpointError(f"{source}: {k} contains NaN or infinite values")
-        if config.retrieval_k and n:
+        if n:
             coords = state["gallery.coords"]
             if bool((coords[:, 0].abs() > 90).any()):
                 raise CheckpointError(f"{source}: gallery.coords holds latitudes outside [-90, 90]")

@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checks import check_float, check_int
 from .data.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
                               remove_stale_temporaries, write_checkpoint)
 from .data.datasets import EmbeddingDataset
 from .evaluation.metrics import geolocation_metrics
-from .checks import check_float, check_int
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
 from .progress import Progress

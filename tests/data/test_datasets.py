@@ -49,3 +49,10 @@ def test_csv_reader_folder_and_tar(image_set):
     (image_set / "bad.csv").write_text("name,where\nx,1\n")
     with pytest.raises(ValueError, match="image column"):
         read_image_csv(image_set / "bad.csv", image_set / "imgs")
+
+
+def test_huge_longitudes_in_data_files_wrap_exactly():
+    """The twin of the kernels' exact wrap (issue 9, defect 7): 1e20 is 280 (mod 360), i.e. -80 degrees;
+    remainder(lon + 180, 360) - 180 gave 100, since 1e20 + 180 rounds to 1e20."""
+    c = torch.tensor([[10.0, 1e20], [0.0, -1e20], [5.0, 190.0], [1.0, -180.0], [2.0, 179.5]], dtype=torch.float64)
+    assert EmbeddingDataset(torch.randn(5, 3), c).coords[:, 1].tolist() == [-80.0, 80.0, -170.0, -180.0, 179.5]
