@@ -29,7 +29,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("L", [16, 32, 64])
+@pytest.mark.parametrize("L", [16, 32, 64, 128])
 def test_train_step(benchmark, tmp_path, L):
     torch.manual_seed(0)
     model = ld.LocDiff(ld.LocDiffConfig(cond_dim=512, L=L))

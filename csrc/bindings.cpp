@@ -127,6 +127,18 @@ PYBIND11_MODULE(_C, m) {
         locdiff::cuda::sh_synthesis<T>(ptr<T>(coeffs), ptr<T>(out), batch, L, nlat, nlon, (void*)stream));
   });
 
+  // CPU only: on CUDA tensors the Python op computes the adjoint with batched matmuls (ops.py).
+  m.def("sh_synthesis_backward", [](uintptr_t grad_out, uintptr_t grad_coeffs, int64_t batch, int L, int nlat,
+                                    int nlon, int dtype) {
+    check_dtype(dtype);
+    py::gil_scoped_release nogil;
+    if (dtype == kFloat32)
+      locdiff::cpu::sh_synthesis_backward<float>(ptr<float>(grad_out), ptr<float>(grad_coeffs), batch, L, nlat, nlon);
+    else
+      locdiff::cpu::sh_synthesis_backward<double>(ptr<double>(grad_out), ptr<double>(grad_coeffs), batch, L, nlat,
+                                                   nlon);
+  });
+
   m.def("shdd_decode", [](uintptr_t coeffs, uintptr_t out_coords, uintptr_t out_scores, int64_t batch,
                           int L, int top_k, int nlat, int nlon, int candidates, int max_iter,
                           double min_separation, int dtype, int device, uintptr_t stream) {

@@ -24,6 +24,10 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
                        const T* weights);
 template <typename T>
 void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int nlon);
+// Adjoint of sh_synthesis (the gradient w.r.t. the coefficients): the transposed Fourier and
+// Legendre stages, i.e. quadrature-free analysis sum_jk g_jk Y_lm(t_j, p_k).
+template <typename T>
+void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int L, int nlat, int nlon);
 template <typename T>
 void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, int L,
                  const DecodeOptions& opt);

@@ -15,6 +15,7 @@
 #include "kernels.h"
 #include "parallel.h"
 #include "sh_math.h"
+#include "separable.h"
 #include "tables.h"
 
 namespace locdiff {
@@ -114,66 +115,9 @@ void trig_table(double phi, int L, double* c, double* s) {
   }
 }
 
-// Legendre stage of the separable synthesis for `rows` coefficient rows at one ring:
-// gc[r][m] = sum_l c[r][l,m] Pbar_lm, gs[r][m] = sum_l c[r][l,-m] Pbar_lm.
-template <typename T>
-void ring_legendre(LegendreRows& leg, double theta, const T* coeffs, int64_t rows, int64_t K, int L,
-                   double* gc, double* gs) {
-  leg.reset(std::cos(theta), std::sin(theta));
-  const int M = L + 1;
-  std::fill(gc, gc + rows * M, 0.0);
-  std::fill(gs, gs + rows * M, 0.0);
-  for (int64_t r = 0; r < rows; ++r) gc[r * M] = (double)coeffs[r * K] * kY00;
-  for (int l = 1; l <= L; ++l) {
-    const double* p = leg.next();
-    const int64_t base = (int64_t)l * l + l;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* c = coeffs + r * K + base;
-      double* gcr = gc + r * M;
-      double* gsr = gs + r * M;
-#pragma omp simd
-      for (int m = 0; m <= l; ++m) {
-        gcr[m] += (double)c[m] * p[m];
-        gsr[m] += (double)c[-m] * p[m];
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) gs[r * M] = 0.0;
-}
-
-// Fourier stage by direct summation: f[k] = gc0 + sum_m gc_m sqrt2 cos(m phi_k) + gs_m sqrt2 sin(m phi_k).
-// ctab/stab: [L+1][nlon] tables of sqrt2 cos / sqrt2 sin (row 0 = 1, 0).  F = double for
-// sh_synthesis; float for the decoder's coarse map, which only ranks candidates (twice the SIMD width).
-template <typename F>
-void ring_fourier(const double* gc, const double* gs, int L, int nlon, const F* ctab, const F* stab, F* f) {
-  const F g0 = (F)gc[0];
-  for (int k = 0; k < nlon; ++k) f[k] = g0;
-  for (int m = 1; m <= L; ++m) {
-    const F a = (F)gc[m], b = (F)gs[m];
-    const F* cr = ctab + (size_t)m * nlon;
-    const F* sr = stab + (size_t)m * nlon;
-#pragma omp simd
-    for (int k = 0; k < nlon; ++k) f[k] += a * cr[k] + b * sr[k];
-  }
-}
-
 // Ring longitudes phi_k = -pi + (k + 1/2) 2 pi / nlon (cell centres); colatitudes likewise.
 inline double ring_phi(int k, int nlon) { return -kPi + (k + 0.5) * 2.0 * kPi / nlon; }
 inline double ring_theta(int j, int nlat) { return (j + 0.5) * kPi / nlat; }
-
-template <typename F>
-void fourier_tables(int L, int nlon, std::vector<F>& ctab, std::vector<F>& stab) {
-  ctab.assign((size_t)(L + 1) * nlon, F(0));
-  stab.assign((size_t)(L + 1) * nlon, F(0));
-  std::vector<double> c(L + 1), s(L + 1);
-  for (int k = 0; k < nlon; ++k) {
-    trig_table(ring_phi(k, nlon), L, c.data(), s.data());
-    for (int m = 0; m <= L; ++m) {
-      ctab[(size_t)m * nlon + k] = (F)c[m];
-      stab[(size_t)m * nlon + k] = (F)s[m];
-    }
-  }
-}
 
 }  // namespace
 
@@ -278,37 +222,89 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
 template <typename T>
 void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int nlon) {
   const auto tables = host_tables(L);
-  const SHTables t = tables->view();
-  const int64_t K = (int64_t)(L + 1) * (L + 1);
-  const int M = L + 1;
-  std::vector<double> ctab, stab;
-  fourier_tables(L, nlon, ctab, stab);
-  advise_huge_pages(out, (size_t)batch * nlat * nlon * sizeof(T));
-  const int64_t chunk = 8;  // coefficient rows sharing one Legendre recurrence
-  const int64_t nchunks = (batch + chunk - 1) / chunk;
+  const SeparableGrid grid(tables->view(), L, nlat, nlon);
+  constexpr int W = SeparableGrid::W;
+  const int64_t K = (int64_t)(L + 1) * (L + 1), plane = (int64_t)nlat * nlon;
+  advise_huge_pages(out, (size_t)batch * plane * sizeof(T));
+  const int64_t nblocks = (batch + W - 1) / W;
+  const int ngroups = grid.ngroups();
   RegionErrors errs;
 #pragma omp parallel
   {
-    std::unique_ptr<LegendreRows> leg;
-    std::vector<double> gc, gs, f;
-    errs.guard([&] {
-      leg = std::make_unique<LegendreRows>(t, L);
-      gc.resize(chunk * M);
-      gs.resize(chunk * M);
-      f.resize(nlon);
-    });
+    SeparableGrid::Work w;
+    int64_t loaded = -1;  // row block whose coefficients are in w.cw
+    errs.guard([&] { grid.init(w); });
+    // Tasks: (row block, group of ring pairs); consecutive tasks of a thread usually share the block.
 #pragma omp for collapse(2) schedule(dynamic)
-    for (int64_t cb = 0; cb < nchunks; ++cb)
-      for (int j = 0; j < nlat; ++j) {
-        if (errs.failed()) continue;
-        const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
-        ring_legendre(*leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          ring_fourier(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(), stab.data(), f.data());
-          T* o = out + ((b0 + r) * nlat + j) * (int64_t)nlon;
-          for (int k = 0; k < nlon; ++k) o[k] = (T)f[k];
+    for (int64_t rb = 0; rb < nblocks; ++rb)
+      for (int g = 0; g < ngroups; ++g) errs.guard([&] {
+        const int64_t b0 = rb * W;
+        const int rows = (int)std::min<int64_t>(W, batch - b0);
+        if (loaded != rb) {
+          grid.load_coeffs(coeffs + b0 * K, rows, w);
+          loaded = rb;
         }
+        const int p0 = g * grid.group();
+        grid.legendre(p0, w);
+        const int np = std::min(grid.group(), grid.npairs() - p0);
+        for (int i = 0; i < np; ++i)
+          for (int side = 0; side < 2; ++side) {
+            const int pair = p0 + i;
+            const int ring = side ? grid.south_ring(pair) : grid.north_ring(pair);
+            if (side && ring == grid.north_ring(pair)) continue;
+            const double* f = grid.fourier(grid.ring_sums(w, side ? grid.group() + i : i), w);
+            for (int v = 0; v < rows; ++v) {
+              T* o = out + (b0 + v) * plane + (int64_t)ring * nlon;
+              for (int k = 0; k < nlon; ++k) o[k] = (T)f[(size_t)k * W + v];
+            }
+          }
+      });
+  }
+  errs.rethrow();
+}
+
+template <typename T>
+void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int L, int nlat, int nlon) {
+  const auto tables = host_tables(L);
+  const SeparableGrid grid(tables->view(), L, nlat, nlon);
+  constexpr int W = SeparableGrid::W;
+  const int64_t K = (int64_t)(L + 1) * (L + 1), plane = (int64_t)nlat * nlon;
+  const int64_t nblocks = (batch + W - 1) / W;
+  RegionErrors errs;
+#pragma omp parallel
+  {
+    SeparableGrid::Work w;
+    std::vector<double> f;
+    errs.guard([&] {
+      grid.init(w);
+      f.resize((size_t)W * nlon);
+    });
+#pragma omp for schedule(dynamic)
+    for (int64_t rb = 0; rb < nblocks; ++rb) errs.guard([&] {
+      const int64_t b0 = rb * W;
+      const int rows = (int)std::min<int64_t>(W, batch - b0);
+      std::fill(w.cw.begin(), w.cw.end(), 0.0);
+      for (int p0 = 0; p0 < grid.npairs(); p0 += grid.group()) {
+        const int np = std::min(grid.group(), grid.npairs() - p0);
+        for (int i = 0; i < np; ++i)
+          for (int side = 0; side < 2; ++side) {
+            const int pair = p0 + i;
+            const int ring = side ? grid.south_ring(pair) : grid.north_ring(pair);
+            if (side && ring == grid.north_ring(pair)) continue;
+            for (int v = 0; v < W; ++v) {
+              if (v < rows) {
+                const T* g = grad_out + (b0 + v) * plane + (int64_t)ring * nlon;
+                for (int k = 0; k < nlon; ++k) f[(size_t)k * W + v] = (double)g[k];
+              } else {
+                for (int k = 0; k < nlon; ++k) f[(size_t)k * W + v] = 0.0;
+              }
+            }
+            grid.fourier_adjoint(f.data(), grid.ring_sums(w, side ? grid.group() + i : i), w);
+          }
+        grid.legendre_adjoint(p0, w);
       }
+      grid.store_coeffs(w, rows, grad_coeffs + b0 * K);
+    });
   }
   errs.rethrow();
 }
@@ -468,49 +464,66 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
   if (opt.min_separation <= 0) opt.min_separation = kPi / (L + 1);
   const int nlat = opt.nlat, nlon = opt.nlon, M = L + 1;
   const auto tables = host_tables(L);
-  const SHTables t = tables->view();
+  constexpr int W = SeparableGrid::W;
+  const SeparableGrid grid(tables->view(), L, nlat, nlon);
   const int64_t K = (int64_t)M * M;
-  std::vector<float> ctab, stab;
-  fourier_tables(L, nlon, ctab, stab);
   const double grid_step = std::max(kPi / nlat, 2.0 * kPi / nlon);
-  const int64_t chunk = 4;  // rows sharing one Legendre recurrence per ring
-  const int64_t nchunks = (batch + chunk - 1) / chunk;
+  const int64_t nchunks = (batch + W - 1) / W;
 
   RegionErrors errs;
 #pragma omp parallel
   {
-    std::unique_ptr<LegendreRows> leg_ptr;
+    SeparableGrid::Work w;
     std::unique_ptr<RowEvaluator> eval_ptr;
-    std::vector<double> gc, gs;
-    std::vector<float> rings;  // rolling 3 rings per row: never the whole map
+    // The coarse map arrives ring pair by ring pair: north ring s and south ring nlat-1-s for
+    // s = 0, 1, ...  Each hemisphere keeps its last 3 rings per row ([2][3][W][nlon]: never the
+    // whole map) and scans a ring for local maxima once both of its neighbours are known; the two
+    // sequences meet at the equator.
+    std::vector<float> rings;
     std::vector<TopList> tops;
     errs.guard([&] {
-      leg_ptr = std::make_unique<LegendreRows>(t, L);
+      grid.init(w);
       eval_ptr = std::make_unique<RowEvaluator>(*tables, L);
-      gc.resize(chunk * M);
-      gs.resize(chunk * M);
-      rings.resize(chunk * 3 * (size_t)nlon);
-      tops.assign(chunk, TopList(opt.candidates));
+      rings.resize(2 * 3 * (size_t)W * nlon);
+      tops.assign(W, TopList(opt.candidates));
     });
 #pragma omp for schedule(dynamic)
     for (int64_t cb = 0; cb < nchunks; ++cb) errs.guard([&] {
-      LegendreRows& leg = *leg_ptr;
       RowEvaluator& eval = *eval_ptr;
-      const int64_t b0 = cb * chunk, rows = std::min(chunk, batch - b0);
-      for (int64_t r = 0; r < rows; ++r) tops[r].clear();
-      auto ring = [&](int64_t r, int j) { return rings.data() + (r * 3 + (j % 3)) * (size_t)nlon; };
-      for (int j = 0; j <= nlat; ++j) {
-        if (j < nlat) {
-          ring_legendre(leg, ring_theta(j, nlat), coeffs + b0 * K, rows, K, L, gc.data(), gs.data());
-          for (int64_t r = 0; r < rows; ++r)
-            ring_fourier(gc.data() + r * M, gs.data() + r * M, L, nlon, ctab.data(), stab.data(), ring(r, j));
-        }
-        if (j >= 1) {  // ring j-1 now has both neighbours
-          const int jc = j - 1;
-          for (int64_t r = 0; r < rows; ++r)
-            ring_maxima(jc >= 1 ? ring(r, jc - 1) : nullptr, ring(r, jc),
-                        jc + 1 < nlat ? ring(r, jc + 1) : nullptr, jc, nlat, nlon, tops[r]);
-        }
+      const int64_t b0 = cb * W;
+      const int rows = (int)std::min<int64_t>(W, batch - b0);
+      for (int r = 0; r < rows; ++r) tops[r].clear();
+      grid.load_coeffs(coeffs + b0 * K, rows, w);
+      auto slot = [&](int side, int seq, int r) {
+        return rings.data() + (((size_t)side * 3 + seq % 3) * W + r) * nlon;
+      };
+      auto ring_of = [&](int side, int seq) { return side ? nlat - 1 - seq : seq; };
+      int count[2] = {0, 0};
+      for (int p0 = 0; p0 < grid.npairs(); p0 += grid.group()) {
+        grid.legendre(p0, w);
+        const int np = std::min(grid.group(), grid.npairs() - p0);
+        for (int i = 0; i < np; ++i)
+          for (int side = 0; side < 2; ++side) {
+            const int pair = p0 + i;
+            if (side && grid.south_ring(pair) == grid.north_ring(pair)) continue;
+            const double* f = grid.fourier(grid.ring_sums(w, side ? grid.group() + i : i), w);
+            const int seq = count[side]++;
+            for (int r = 0; r < rows; ++r) {
+              float* dst = slot(side, seq, r);
+              for (int k = 0; k < nlon; ++k) dst[k] = (float)f[(size_t)k * W + r];
+            }
+            if (seq >= 1)  // ring seq - 1 of this hemisphere now has both neighbours
+              for (int r = 0; r < rows; ++r)
+                ring_maxima(seq >= 2 ? slot(side, seq - 2, r) : nullptr, slot(side, seq - 1, r), slot(side, seq, r),
+                            ring_of(side, seq - 1), nlat, nlon, tops[r]);
+          }
+      }
+      for (int side = 0; side < 2; ++side) {  // the last ring of each hemisphere: the other's is its neighbour
+        const int seq = count[side] - 1, other = count[1 - side] - 1;
+        if (seq < 0) continue;
+        for (int r = 0; r < rows; ++r)
+          ring_maxima(seq >= 1 ? slot(side, seq - 1, r) : nullptr, slot(side, seq, r),
+                      other >= 0 ? slot(1 - side, other, r) : nullptr, ring_of(side, seq), nlat, nlon, tops[r]);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const T* c = coeffs + (b0 + r) * K;
@@ -564,6 +577,7 @@ void debug_eval(const double* coeffs, int L, double theta, double phi, int metho
   template void sh_basis<T>(const T*, T*, int64_t, int, const T*);                          \
   template void sh_basis_backward<T>(const T*, const T*, T*, int64_t, int, const T*);       \
   template void sh_synthesis<T>(const T*, T*, int64_t, int, int, int);                      \
+  template void sh_synthesis_backward<T>(const T*, T*, int64_t, int, int, int);             \
   template void shdd_decode<T>(const T*, T*, T*, int64_t, int, const DecodeOptions&);
 LOCDIFF_INSTANTIATE(float)
 LOCDIFF_INSTANTIATE(double)

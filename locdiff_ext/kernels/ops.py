@@ -90,17 +90,24 @@ def _threads() -> int:
     return max(1, int(_C.num_threads()))
 
 
-def _synthesis_bytes(B: int, L: int, nlat: int, nlon: int, esize: int) -> int:
-    """Output plus working memory of sh_synthesis: Fourier tables [2, L+1, nlon] and per-thread rows."""
+def _separable_work_bytes(L: int, nlon: int) -> int:
+    """Per-thread buffers of the separable transform (csrc/separable.h, W = 8 rows at a time): the rows'
+    coefficients by order, the Legendre sums of a group of 16 ring pairs, the Legendre table, FFT buffers."""
     M = L + 1
-    return B * nlat * nlon * esize + 16 * M * nlon + _threads() * 8 * (18 * M + nlon)
+    return 64 * M * (M + 2) + 4400 * M + 700 * nlon + 4096
+
+
+def _synthesis_bytes(B: int, L: int, nlat: int, nlon: int, esize: int) -> int:
+    """Output plus working memory of sh_synthesis."""
+    return B * nlat * nlon * esize + _threads() * _separable_work_bytes(L, nlon)
 
 
 def _decode_bytes(B: int, L: int, top_k: int, nlat: int, nlon: int, candidates: int, esize: int) -> int:
-    """Outputs plus working memory of shdd_decode: float Fourier tables, per-thread rolling rings and
-    candidate lists (the map itself is never held)."""
+    """Outputs plus working memory of shdd_decode: the separable transform's buffers, the last three rings
+    of each hemisphere for 8 rows, the refinement's rows and candidate lists (the map itself is never held)."""
     M = L + 1
-    return 3 * B * top_k * esize + 8 * M * nlon + _threads() * (48 * nlon + 64 * M + 4 * 48 * (candidates + 1))
+    return 3 * B * top_k * esize + _threads() * (_separable_work_bytes(L, nlon) + 192 * nlon + 64 * M
+                                                  + 8 * 48 * (candidates + 1))
 
 
 # ----------------------------------------------------------------------------- sh_basis / shdd_encode
@@ -195,6 +202,86 @@ def _sh_synthesis_op(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
 @_sh_synthesis_op.register_fake
 def _(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     return coeffs.new_empty((coeffs.shape[0], nlat, nlon))
+
+
+@torch.library.custom_op("locdiff::sh_synthesis_backward", mutates_args=())
+def _sh_synthesis_backward_op(grad: Tensor, L: int) -> Tensor:
+    """Adjoint of sh_synthesis: grad [B, nlat, nlon] -> sum_jk grad_jk Y_lm(t_j, p_k) [B, (L+1)^2].
+    CPU: the transposed separable kernel; CUDA: batched matmuls (``_synthesis_adjoint_matmul``)."""
+    B, nlat, nlon = grad.shape
+    if grad.device.type == "cuda":
+        return _synthesis_adjoint_matmul(grad, L)
+    check_fits(B * num_coeffs(L) * grad.element_size() + _threads() * (_separable_work_bytes(L, nlon) + 64 * nlon),
+               grad.device, "grad/L")
+    out = grad.new_empty((B, num_coeffs(L)))
+    if B:
+        _C.sh_synthesis_backward(_ptr(grad), _ptr(out), B, L, nlat, nlon, _DTYPE_CODE[grad.dtype])
+    return out
+
+
+@_sh_synthesis_backward_op.register_fake
+def _(grad: Tensor, L: int) -> Tensor:
+    return grad.new_empty((grad.shape[0], num_coeffs(L)))
+
+
+def _synthesis_setup_context(ctx, inputs, output):
+    coeffs = inputs[0]
+    ctx.L = degree_from_num_coeffs(coeffs.shape[-1])
+
+
+def _synthesis_backward(ctx, grad):
+    return _sh_synthesis_backward_op(grad.contiguous(), ctx.L), None, None
+
+
+def _synthesis_backward_setup_context(ctx, inputs, output):
+    grad = inputs[0]
+    ctx.grid = tuple(grad.shape[1:])
+
+
+def _synthesis_backward_backward(ctx, gg):
+    return _sh_synthesis_op(gg.contiguous(), *ctx.grid), None
+
+
+torch.library.register_autograd("locdiff::sh_synthesis", _synthesis_backward, setup_context=_synthesis_setup_context)
+torch.library.register_autograd("locdiff::sh_synthesis_backward", _synthesis_backward_backward,
+                                setup_context=_synthesis_backward_setup_context)
+
+_ADJOINT_TABLES: dict = {}
+
+
+def _synthesis_adjoint_matmul(grad: Tensor, L: int) -> Tensor:
+    """The adjoint as two batched matmuls, for devices without a separable kernel (CUDA): Fourier sums
+    against [nlon, L+1] cos/sin tables, then per-order Legendre sums against a [L+1, nlat, L+1] table of
+    Pbar_lm at the rings (from sh_basis at longitude 0).  O(B nlat (nlon + L^2)) work on the GPU's BLAS."""
+    B, nlat, nlon = grad.shape
+    M, K = L + 1, num_coeffs(L)
+    key = (L, nlat, nlon, grad.device, grad.dtype)
+    if key not in _ADJOINT_TABLES:
+        f64 = dict(dtype=torch.float64)
+        phi = -math.pi + (torch.arange(nlon, **f64) + 0.5) * (2 * math.pi / nlon)
+        m = torch.arange(M, **f64)
+        norm = torch.where(m > 0, math.sqrt(2.0), 1.0)
+        cos = torch.cos(phi[:, None] * m) * norm
+        sin = torch.sin(phi[:, None] * m) * norm * (m > 0)
+        lat = 90.0 - (torch.arange(nlat, **f64) + 0.5) * (180.0 / nlat)
+        Y = _basis_impl(torch.stack([lat, torch.zeros_like(lat)], 1), L, None)  # [nlat, K], CPU float64
+        l = torch.arange(M)
+        mm, ll = torch.meshgrid(torch.arange(M), l, indexing="ij")  # [m, l]
+        valid = ll >= mm
+        cols = (ll * ll + ll + mm).clamp(max=K - 1)
+        P = Y[:, cols] / norm[mm] * valid  # [nlat, m, l] = Pbar_lm(cos t_j); Y_lm(t, 0) = sqrt2 Pbar_lm
+        k = torch.arange(K)
+        deg = torch.floor(torch.sqrt(k.double())).long()
+        order = k - deg * deg - deg
+        index = (order < 0).long() * M * M + order.abs() * M + deg  # into [cos | sin] x [m, l]
+        tables = (torch.cat([cos, sin], 1), P.permute(1, 0, 2).contiguous(), index)
+        _ADJOINT_TABLES[key] = tuple(t.to(grad.device, grad.dtype if t.is_floating_point() else t.dtype)
+                                     for t in tables)
+    fourier, legendre, index = _ADJOINT_TABLES[key]
+    ab = (grad.reshape(B * nlat, nlon) @ fourier).reshape(B, nlat, 2, M)   # [B, j, cos/sin, m]
+    ab = ab.permute(2, 3, 0, 1).reshape(2 * M, B, nlat)                    # [(cos/sin, m), B, j]
+    c = torch.bmm(ab, legendre.repeat(2, 1, 1))                            # [(cos/sin, m), B, l]
+    return c.permute(1, 0, 2).reshape(B, 2 * M * M)[:, index]
 
 
 # ----------------------------------------------------------------------------- shdd_decode
@@ -302,8 +389,9 @@ def _prep_coeffs(coeffs) -> Tuple[Tensor, Tuple[int, ...], int]:
 
 def sh_synthesis(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     """The band-limited function sum_lm c_lm Y_lm on an equiangular cell-centred grid (see
-    ``grid_latlon``): [..., nlat, nlon].  Separable: Legendre sums per ring, then the Fourier sum
-    over m (FFT when nlon is a power of two), O(B (L^2 nlat + nlat nlon L))."""
+    ``grid_latlon``): [..., nlat, nlon].  Separable: Legendre sums per north/south ring pair, then a
+    real FFT per ring (any nlon), O(B nlat (L^2 / 2 + nlon log nlon)).  Differentiable w.r.t. ``coeffs``:
+    the backward pass is the adjoint transform (same cost), so a loss on the grid costs no [grid, K] basis."""
     flat, lead, _ = _prep_coeffs(coeffs)
     nlat = check_int(nlat, "nlat", 1, _INT32_MAX)
     nlon = check_int(nlon, "nlon", 1, _INT32_MAX)

@@ -8,15 +8,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import locdiff_ext as ld
+from locdiff_ext.kernels import ops
 from locdiff_ext.kernels.reference import great_circle_km, sh_synthesis_ref
 
 from helpers import random_coords
 
 
-@pytest.mark.parametrize("L,nlat,nlon", [(0, 3, 5), (1, 2, 4), (8, 10, 20), (16, 17, 64), (16, 9, 128), (30, 31, 61)])
+GRIDS = [(0, 1, 1), (0, 3, 5), (1, 2, 4), (3, 5, 7), (8, 10, 20), (10, 7, 4), (16, 17, 64), (16, 9, 128),
+         (30, 31, 61), (20, 42, 86), (24, 50, 98), (40, 82, 164), (20, 3, 2)]
+# odd and even nlat (a middle ring without a partner), odd nlon (full complex FFT), even nlon (half-length
+# FFT), nlon <= 2L (orders alias onto the same frequencies), radices 2, 3, 4, 5 and generic primes
+# (43 = 86 / 2, 7 x 7 = 98 / 2, 41 = 164 / 4)
+
+
+@pytest.mark.parametrize("L,nlat,nlon", GRIDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_synthesis_matches_dense_reference(L, nlat, nlon, dtype):
-    """Both Fourier paths: direct sums (any nlon) and FFT (power-of-two nlon >= 64)."""
+    """The separable transform (ring pairs, mixed-radix FFT) against the dense basis on every kind of grid."""
     g = torch.Generator().manual_seed(L + nlat)
     c = torch.randn(3, (L + 1) ** 2, generator=g, dtype=torch.float64)
     out = ld.sh_synthesis(c.to(dtype), nlat, nlon)
@@ -24,6 +32,30 @@ def test_synthesis_matches_dense_reference(L, nlat, nlon, dtype):
     ref = sh_synthesis_ref(c, nlat, nlon)
     tol = 1e-11 if dtype == torch.float64 else 1e-4
     assert (out.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("L,nlat,nlon", GRIDS)
+def test_synthesis_backward_is_the_adjoint(L, nlat, nlon):
+    """<S c, g> = <c, S^T g> to rounding; the CUDA path's batched-matmul adjoint (run here on the CPU) agrees
+    with the kernel; 11 rows exercise a partial block of the kernel's 8-row lanes."""
+    gen = torch.Generator().manual_seed(7 * L + nlon)
+    c = torch.randn(11, (L + 1) ** 2, generator=gen, dtype=torch.float64)
+    g = torch.randn(11, nlat, nlon, generator=gen, dtype=torch.float64)
+    adj = torch.ops.locdiff.sh_synthesis_backward(g, L)
+    lhs, rhs = (ld.sh_synthesis(c, nlat, nlon) * g).sum(), (c * adj).sum()
+    assert abs(lhs - rhs) <= 1e-12 * (c.abs().sum() * g.abs().sum())
+    assert torch.allclose(adj, ops._synthesis_adjoint_matmul(g, L), rtol=0, atol=1e-12 * float(adj.abs().max()))
+    assert torch.allclose(adj, g.reshape(11, -1) @ ld.sh_basis(ops.grid_points(nlat, nlon), L), atol=1e-10)
+    adj32 = torch.ops.locdiff.sh_synthesis_backward(g.float(), L)
+    assert adj32.dtype == torch.float32 and torch.allclose(adj32.double(), adj, atol=1e-4 * float(adj.abs().max()))
+
+
+def test_synthesis_gradients():
+    c = torch.randn(3, 25, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ld.sh_synthesis(x, 6, 11), (c,))
+    assert torch.autograd.gradgradcheck(lambda x: ld.sh_synthesis(x, 6, 11), (c,))
+    batched = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)  # leading dims
+    assert torch.autograd.gradcheck(lambda x: ld.sh_synthesis(x, 5, 8), (batched,))
 
 
 def test_synthesis_of_a_dirac_peaks_at_the_point():

@@ -21,6 +21,10 @@ def test_opcheck_every_op():
         (torch.ops.locdiff.shdd_encode.default, (c, 6, None)),
         (torch.ops.locdiff.sh_basis_backward.default, (c, g, 6, None)),
         (torch.ops.locdiff.sh_synthesis.default, (coeffs, 5, 12)),
+        (torch.ops.locdiff.sh_synthesis.default, (coeffs.clone().requires_grad_(True), 5, 12)),
+        (torch.ops.locdiff.sh_synthesis_backward.default, (torch.randn(5, 5, 12, dtype=torch.float64), 6)),
+        (torch.ops.locdiff.sh_synthesis_backward.default,
+         (torch.randn(5, 5, 12, dtype=torch.float64, requires_grad=True), 6)),
         (torch.ops.locdiff.shdd_decode.default, (coeffs, 2, 0, 0, 0, 30, 0.0)),
     ]
     for op, args in cases:
