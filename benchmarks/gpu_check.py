@@ -110,7 +110,6 @@ def timings(device: str, quick: bool) -> None:
         # a copy reads and writes: its bandwidth counts both
         row(f"sh_basis N={n} L={L} float32", f"{out_bytes / t / 1e9:.0f} GB/s written",
             ">= 50% of copy", f"copy {2 * out_bytes / tc / 1e9:.0f} GB/s ({out_bytes / t / (2 * out_bytes / tc):.0%})")
-        del buf, dst
     # synthesis vs torch-harmonics, decode vs a dense cuBLAS decode
     try:
         import torch_harmonics as th

@@ -10,6 +10,7 @@ the one-call API over ``LocDiff.predict``; ``locdiff_ext.train`` minimises ``tra
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -124,6 +125,15 @@ class LocDiffConfig:
         return cls(**d)
 
 
+def input_seeds(rows: Tensor, seed: int) -> list:
+    """One 63-bit seed per input, from ``seed`` and the SHA-256 of the input's own values (the float32
+    bytes of its embedding or preprocessed pixels): an input's samples, hence its answer, do not depend on
+    the batch it came in or its position there (issue 13).  Identical inputs get identical answers."""
+    prefix = int(seed).to_bytes(8, "little")
+    flat = rows.detach().reshape(rows.shape[0], -1).to("cpu", torch.float32).contiguous().numpy()
+    return [int.from_bytes(hashlib.sha256(prefix + r.tobytes()).digest()[:8], "little") >> 1 for r in flat]
+
+
 class LocDiff(nn.Module):
     """The LocDiff model.  ``predict`` runs inference on embeddings or images; ``training_loss``
     is what ``locdiff_ext.train`` minimises.  Attributes are the state-dict prefixes of saved models
@@ -206,6 +216,18 @@ class LocDiff(nn.Module):
     def embed(self, inputs) -> Tensor:
         """Embeddings [N, D] from precomputed embeddings (a [N, D] tensor or array) or from images
         (paths, PIL images, [3, H, W] tensors or a [N, 3, H, W] tensor) through the image encoder."""
+        return self._encode(self._model_inputs(inputs))
+
+    def _encode(self, raw: Tuple[Tensor, bool]) -> Tensor:
+        x, pixels = raw
+        if not pixels:
+            return self.condition(x)
+        with torch.no_grad():
+            return self.condition(self.image_encoder(x.to(self.device)))
+
+    def _model_inputs(self, inputs) -> Tuple[Tensor, bool]:
+        """(embeddings [N, D], False) or (preprocessed pixels [N, 3, H, W], True): what the model sees of
+        each input, computed per input (so the same input gives the same row in any batch)."""
         if inputs is None:
             raise TypeError("inputs must be images (paths, PIL images, tensors) or embeddings [N, D], got None")
         rows = (list, tuple)
@@ -224,7 +246,7 @@ class LocDiff(nn.Module):
                 raise ValueError(f"inputs: expected embeddings [N, D] or images [H, W, 3] / [N, H, W, 3], got an array "
                                  f"of shape {inputs.shape}")
         if isinstance(inputs, Tensor) and inputs.dim() == 2:
-            return self.condition(inputs)
+            return inputs, False
         if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, Tensor) and inputs.dim() == 3):
             inputs = [inputs]
         if isinstance(inputs, Tensor) and inputs.dim() != 4:
@@ -236,9 +258,7 @@ class LocDiff(nn.Module):
         if self.image_encoder is None:
             raise ValueError("inputs look like images but this model has no image encoder: pass embeddings "
                              f"[N, {self.config.cond_dim}] instead")
-        pixels = self.image_encoder.preprocess(inputs).to(self.device)
-        with torch.no_grad():
-            return self.condition(self.image_encoder(pixels))
+        return self.image_encoder.preprocess(inputs), True
 
     def set_gallery(self, embeddings, coords) -> "LocDiff":
         """The reference (embedding, location) pairs a retrieval-conditioned model (retrieval_k > 0)
@@ -294,8 +314,9 @@ class LocDiff(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: Tensor, num_samples: int, steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-               generator: Optional[torch.Generator] = None) -> Tensor:
-        """Scaled SHDD samples [B, S, K] for conditioned embeddings ``cond`` [B, D]."""
+               generator=None) -> Tensor:
+        """Scaled SHDD samples [B, S, K] for conditioned embeddings ``cond`` [B, D]; ``generator``: one
+        torch.Generator, or one per row of ``cond`` (each draws that row's samples)."""
         g = self.default_guidance if guidance_scale is None else float(guidance_scale)
         if g != 1.0 and self.config.cond_drop_prob == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cond_drop_prob > 0 "
@@ -350,17 +371,19 @@ class LocDiff(nn.Module):
         agg = aggregate or self.config.aggregate
         if agg not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {agg!r}")
-        cond = self.embed(inputs)
+        raw = self._model_inputs(inputs)
+        cond = self._encode(raw)
         if cond.shape[0] == 0:
             raise ValueError("inputs is empty: pass at least one image or embedding")
         check_fits(self._predict_bytes(min(batch_size, cond.shape[0]), S, guidance_scale)
                    + (cond.shape[0] * map_size[0] * map_size[1] * 8 if return_map else 0),
                    cond.device, "num_samples/batch_size/map_size")
-        gen = torch.Generator().manual_seed(seed)
+        seeds = input_seeds(raw[0], seed)
         out_c, out_s, out_m = [], [], []
         with Progress(cond.shape[0], "predict", "input", enabled=progress) as bar:
             for i in range(0, cond.shape[0], batch_size):
-                samples = self.sample(cond[i:i + batch_size], S, steps, guidance_scale, gen)
+                gens = [torch.Generator().manual_seed(v) for v in seeds[i:i + batch_size]]
+                samples = self.sample(cond[i:i + batch_size], S, steps, guidance_scale, gens)
                 c, s = self.aggregator(samples, top_k, agg)
                 out_c.append(c.cpu())
                 out_s.append(s.cpu())

@@ -79,6 +79,17 @@ def guided(model: Callable, guidance_scale: float) -> Callable:
     return fn
 
 
+def randn(shape, generator, dtype=torch.float32) -> Tensor:
+    """N(0, I) noise of ``shape`` on the CPU from one generator, or from a list of generators each drawing
+    an equal block of consecutive rows (one per input: its samples then do not depend on its batch)."""
+    if isinstance(generator, (list, tuple)):
+        if not generator or shape[0] % len(generator):
+            raise ValueError(f"generator: {len(generator)} generators cannot split {shape[0]} rows evenly")
+        rows = shape[0] // len(generator)
+        return torch.cat([torch.randn((rows, *shape[1:]), generator=g, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
 class DDIMSampler:
     """DDIM (Song et al. 2021) over ``steps`` evenly spaced timesteps; eta = 0 is deterministic,
     eta = 1 matches DDPM's variance.  ``DDPMSampler`` is DDIM with eta = 1 over every step."""
@@ -98,10 +109,11 @@ class DDIMSampler:
     @torch.no_grad()
     def sample(self, model: Callable, cond: Optional[Tensor], shape, generator: Optional[torch.Generator] = None,
                device=None, dtype=torch.float32, guidance_scale: float = 1.0) -> Tensor:
-        """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x0."""
+        """Runs the reverse process from x_T ~ N(0, I) of ``shape`` and returns x0.  ``generator``: one
+        torch.Generator, or a list of them that each draw an equal block of rows (see ``randn``)."""
         fn = guided(model, guidance_scale)
         abar_all = self.schedule.alphas_cumprod
-        x = torch.randn(shape, generator=generator, dtype=dtype, device="cpu").to(device or "cpu")
+        x = randn(shape, generator, dtype).to(device or "cpu")
         ts = self.timesteps()
         for i, t in enumerate(ts):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
@@ -115,8 +127,9 @@ class DDIMSampler:
                 return x0
             a_t, a_prev = float(abar_all[t]), float(abar_all[ts[i + 1]])
             sigma = self.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-            noise = torch.randn(shape, generator=generator, dtype=dtype, device="cpu").to(x.device)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps + sigma * noise
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+            if sigma > 0:  # DDIM's eta = 0 draws no noise after x_T
+                x = x + sigma * randn(shape, generator, dtype).to(x.device)
         return x
 
 
