@@ -26,7 +26,8 @@ from .encoders import STORED_ENCODERS, ImageEncoder, build_image_encoder
 from .kernels.geometry import unit_rows
 from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
-from .model.diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
+from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss,
+                              mse_loss)
 from .model.retrieval import Gallery, neighbour_features, sample_holdout
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
@@ -34,7 +35,7 @@ from .progress import Progress
 
 PathLike = Union[str, os.PathLike]
 LOSSES = ("shdd_kl", "mse")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpm++")
 MAX_WIDTH = 1 << 16  # bound on cond_dim, time_dim and CS-UNet widths: a 65536^2 layer is already 16 GiB
 
 
@@ -310,6 +311,8 @@ class LocDiff(nn.Module):
         steps = self.config.sample_steps if steps is None else steps
         if self.config.sampler == "ddpm":
             return DDPMSampler(self.schedule, steps, prediction=self.config.prediction)
+        if self.config.sampler == "dpm++":
+            return DPMSolverSampler(self.schedule, steps, prediction=self.config.prediction)
         return DDIMSampler(self.schedule, steps, eta=self.config.eta, prediction=self.config.prediction)
 
     @torch.no_grad()

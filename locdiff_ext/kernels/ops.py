@@ -186,8 +186,7 @@ torch.library.register_autograd("locdiff::shdd_encode", _basis_backward, setup_c
 # ----------------------------------------------------------------------------- sh_synthesis
 
 
-@torch.library.custom_op("locdiff::sh_synthesis", mutates_args=())
-def _sh_synthesis_op(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
+def _synthesis_impl(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     _check_finite(coeffs, "coeffs")
     B, K = coeffs.shape
     L = degree_from_num_coeffs(K)
@@ -197,6 +196,11 @@ def _sh_synthesis_op(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
         _C.sh_synthesis(_ptr(coeffs), _ptr(out), B, L, nlat, nlon, _DTYPE_CODE[coeffs.dtype],
                         _device_index(coeffs), _stream(coeffs))
     return out
+
+
+@torch.library.custom_op("locdiff::sh_synthesis", mutates_args=())
+def _sh_synthesis_op(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
+    return _synthesis_impl(coeffs, nlat, nlon)
 
 
 @_sh_synthesis_op.register_fake
@@ -287,10 +291,8 @@ def _synthesis_adjoint_matmul(grad: Tensor, L: int) -> Tensor:
 # ----------------------------------------------------------------------------- shdd_decode
 
 
-@torch.library.custom_op("locdiff::shdd_decode", mutates_args=())
-def _shdd_decode_op(
-    coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int, min_separation: float
-) -> Tuple[Tensor, Tensor]:
+def _decode_impl(coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int,
+                 min_separation: float) -> Tuple[Tensor, Tensor]:
     B, K = coeffs.shape
     amax = torch.linalg.vector_norm(coeffs, float("inf"), dim=-1, keepdim=True)  # NaN/inf rows give NaN/inf
     if B and not bool(torch.isfinite(amax).all()):
@@ -306,6 +308,13 @@ def _shdd_decode_op(
                        candidates, max_iter, min_separation, _DTYPE_CODE[coeffs.dtype],
                        _device_index(coeffs), _stream(coeffs))
     return out_coords, out_scores if scale is None else out_scores / scale
+
+
+@torch.library.custom_op("locdiff::shdd_decode", mutates_args=())
+def _shdd_decode_op(
+    coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int, min_separation: float
+) -> Tuple[Tensor, Tensor]:
+    return _decode_impl(coeffs, top_k, nlat, nlon, candidates, max_iter, min_separation)
 
 
 def _scale_rows(coeffs: Tensor, amax: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -327,6 +336,22 @@ def _(coeffs, top_k, nlat, nlon, candidates, max_iter, min_separation):
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """True where a public function may run the op's body directly: eager mode, plain CPU/CUDA tensors,
+    no gradient to record.  Same result; it skips the dispatcher, whose custom-op wrapper imports
+    torch._dynamo on the first call of a process (1.2-1.8 s on the CI machine: the whole first-call
+    latency of our kernels).  Under torch.compile, for fake/meta tensors and for autograd, the op is used."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or t.device.type not in ("cpu", "cuda")
+                              or (grad and t.requires_grad)):
+            return False
+    return True
+
 
 
 def _check_float(x, name: str) -> None:
@@ -353,7 +378,8 @@ def sh_basis(coords: Tensor, L: int) -> Tensor:
     Differentiable w.r.t. ``coords`` (analytic derivative kernel)."""
     L = check_int(L, "L", 0, MAX_DEGREE)
     flat, lead = _prep_coords(coords)
-    return _sh_basis_op(flat, L).reshape(*lead, num_coeffs(L))
+    out = _basis_impl(flat, L, None) if _eager(flat) else _sh_basis_op(flat, L)
+    return out.reshape(*lead, num_coeffs(L))
 
 
 def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Tensor:
@@ -362,7 +388,8 @@ def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Ten
     L = check_int(L, "L", 0, MAX_DEGREE)
     flat, lead = _prep_coords(coords)
     if weights is None:
-        return _sh_basis_op(flat, L).reshape(*lead, num_coeffs(L))
+        out = _basis_impl(flat, L, None) if _eager(flat) else _sh_basis_op(flat, L)
+        return out.reshape(*lead, num_coeffs(L))
     _check_float(weights, "weights")
     if weights.shape != (L + 1,):
         raise ValueError(f"weights must have shape [L+1] = [{L + 1}], got {tuple(weights.shape)}")
@@ -373,7 +400,9 @@ def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Ten
     if weights.requires_grad:
         raise ValueError("weights: gradients with respect to the per-degree weights are not supported; pass "
                          "weights.detach() (gradients with respect to coords are)")
-    return _shdd_encode_op(flat, L, weights.contiguous()).reshape(*lead, num_coeffs(L))
+    weights = weights.contiguous()
+    out = _basis_impl(flat, L, weights) if _eager(flat) else _shdd_encode_op(flat, L, weights)
+    return out.reshape(*lead, num_coeffs(L))
 
 
 def _prep_coeffs(coeffs) -> Tuple[Tensor, Tuple[int, ...], int]:
@@ -395,7 +424,8 @@ def sh_synthesis(coeffs: Tensor, nlat: int, nlon: int) -> Tensor:
     flat, lead, _ = _prep_coeffs(coeffs)
     nlat = check_int(nlat, "nlat", 1, _INT32_MAX)
     nlon = check_int(nlon, "nlon", 1, _INT32_MAX)
-    return _sh_synthesis_op(flat, nlat, nlon).reshape(*lead, nlat, nlon)
+    out = _synthesis_impl(flat, nlat, nlon) if _eager(flat) else _sh_synthesis_op(flat, nlat, nlon)
+    return out.reshape(*lead, nlat, nlon)
 
 
 def decode_grid_limits(L: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -448,5 +478,6 @@ def shdd_decode(
                 or not math.isfinite(min_separation_km) or min_separation_km < 0):
             raise ValueError(f"min_separation_km must be a finite number >= 0, got {min_separation_km!r}")
         min_sep = max(float(min_separation_km) / EARTH_RADIUS_KM, 1e-15)
-    out_coords, out_scores = _shdd_decode_op(flat, top_k, nlat, nlon, candidates, max_iter, min_sep)
+    decode = _decode_impl if _eager(flat) else _shdd_decode_op
+    out_coords, out_scores = decode(flat, top_k, nlat, nlon, candidates, max_iter, min_sep)
     return out_coords.reshape(*lead, top_k, 2), out_scores.reshape(*lead, top_k)

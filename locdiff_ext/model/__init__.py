@@ -10,11 +10,11 @@ Imports ``checks``, ``kernels`` and ``data`` only.
 """
 
 from .aggregate import AGGREGATES, SampleAggregator
-from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, NoiseSchedule, SHDDKLLoss, mse_loss
+from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss, mse_loss
 from .retrieval import Gallery, neighbour_features, sample_holdout
 from .shdd import SHDDDecoder, SHDDEncoder, degree_weights
 from .unet import CSUNet, CSUNetConfig
 
 __all__ = ["SHDDEncoder", "SHDDDecoder", "degree_weights", "CSUNet", "CSUNetConfig", "NoiseSchedule", "DDIMSampler",
-           "DDPMSampler", "SHDDKLLoss", "mse_loss", "PREDICTIONS", "Gallery", "neighbour_features", "sample_holdout",
+           "DDPMSampler", "DPMSolverSampler", "SHDDKLLoss", "mse_loss", "PREDICTIONS", "Gallery", "neighbour_features", "sample_holdout",
            "SampleAggregator", "AGGREGATES"]

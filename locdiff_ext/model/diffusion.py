@@ -7,6 +7,7 @@ Prediction targets: 'epsilon' (the noise) or 'x0' (the clean SHDD vector, what S
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional, Tuple
 
@@ -69,12 +70,22 @@ class NoiseSchedule(nn.Module):
 
 def guided(model: Callable, guidance_scale: float) -> Callable:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), the unconditional branch being the model
-    called with cond=None (the model's learned null condition)."""
+    called with cond=None (the model's learned null condition).  A model that takes ``drop_mask`` (the
+    CS-UNet) runs both branches as one batch of 2B rows: one forward pass instead of two."""
     if guidance_scale == 1.0:
         return model
+    try:
+        batched = "drop_mask" in inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        batched = False
 
     def fn(x, t, cond):
-        return torch.lerp(model(x, t, None), model(x, t, cond), guidance_scale)
+        if cond is None or not batched:
+            return torch.lerp(model(x, t, None), model(x, t, cond), guidance_scale)
+        B = x.shape[0]
+        drop = torch.arange(2 * B, device=x.device) >= B
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop_mask=drop)
+        return torch.lerp(both[B:], both[:B], guidance_scale)
 
     return fn
 
@@ -130,6 +141,56 @@ class DDIMSampler:
             x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
             if sigma > 0:  # DDIM's eta = 0 draws no noise after x_T
                 x = x + sigma * randn(shape, generator, dtype).to(x.device)
+        return x
+
+
+class DPMSolverSampler(DDIMSampler):
+    """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow ODE in
+    the data (x0) parametrisation, deterministic like DDIM with eta = 0 and with the same timesteps and the
+    same number of network evaluations, but accurate with fewer of them (the first and last steps are first
+    order).  In log-SNR lambda = log(alpha / sigma), with D the x0 estimate extrapolated from the last two:
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) D,  h = lambda_{i+1} - lambda_i.
+    Its timesteps are evenly spaced in lambda, not in t (on a Gaussian test, 10 steps: 2.6x closer to the
+    exact flow than DDIM's evenly spaced ones; tests/model/test_diffusion.py)."""
+
+    def __init__(self, schedule: NoiseSchedule, steps: int = 10, prediction: str = "x0", clip_x0: Optional[float] = None):
+        super().__init__(schedule, steps, eta=0.0, prediction=prediction, clip_x0=clip_x0)
+
+    def timesteps(self) -> list:
+        abar = self.schedule.alphas_cumprod
+        lam = 0.5 * torch.log(abar / (1 - abar))
+        T = self.schedule.num_steps
+        targets = torch.linspace(float(lam[T - 1]), float(lam[0]), self.steps, dtype=torch.float64)
+        return sorted({int(torch.argmin((lam - v).abs())) for v in targets}, reverse=True)
+
+    @torch.no_grad()
+    def sample(self, model: Callable, cond: Optional[Tensor], shape, generator=None, device=None,
+               dtype=torch.float32, guidance_scale: float = 1.0) -> Tensor:
+        fn = guided(model, guidance_scale)
+        abar_all = self.schedule.alphas_cumprod
+        x = randn(shape, generator, dtype).to(device or "cpu")
+        ts = self.timesteps()
+        alpha = [math.sqrt(float(abar_all[t])) for t in ts]
+        sigma = [math.sqrt(1.0 - float(abar_all[t])) for t in ts]
+        lam = [math.log(a / max(s, 1e-12)) for a, s in zip(alpha, sigma)]
+        prev_x0, prev_h = None, None
+        for i, t in enumerate(ts):
+            tt = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
+            with torch.profiler.record_function("locdiff.network"):
+                pred = fn(x, tt, cond)
+            x0, _ = self.schedule.to_x0_eps(pred, x, tt, self.prediction)
+            if self.clip_x0 is not None:
+                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            if i == len(ts) - 1:
+                return x0
+            h = lam[i + 1] - lam[i]
+            if prev_x0 is None or i == len(ts) - 2:  # first order at the ends (lower_order_final)
+                d = x0
+            else:
+                r = prev_h / h
+                d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev_x0
+            x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
+            prev_x0, prev_h = x0, h
         return x
 
 

@@ -113,3 +113,23 @@ def test_cuda_kernels_compiled_when_ci_expects_them():
     if os.environ.get("LOCDIFF_EXPECT_CUDA") != "1":
         pytest.skip("reason: only checked where .ci/run found nvcc (LOCDIFF_EXPECT_CUDA=1)")
     assert ld.has_cuda()
+
+
+def test_eager_calls_skip_the_dispatcher_and_its_first_call_import():
+    """Issue 11: the first kernel call of a process took 0.9-1.5 s, all of it torch's custom-op wrapper
+    importing torch._dynamo.  Eager calls without autograd now run the op body directly (same result);
+    autograd and torch.compile still go through the ops."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, locdiff_ext as ld; c = torch.tensor([[10.0, 20.0]], dtype=torch.float64); "
+            "x = ld.shdd_encode(c, 8); ld.sh_synthesis(x, 10, 20); ld.shdd_decode(x); ld.sh_basis(c, 4); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    assert out.strip() == "False"
+    c = random_coords(7, seed=2)
+    x = ld.shdd_encode(c, 6)
+    assert torch.equal(ld.sh_basis(c, 6), torch.ops.locdiff.sh_basis(c, 6))
+    assert torch.equal(ld.sh_synthesis(x, 5, 12), torch.ops.locdiff.sh_synthesis(x, 5, 12))
+    assert all(torch.equal(a, b) for a, b in zip(ld.shdd_decode(x), torch.ops.locdiff.shdd_decode(x, 1, 0, 0, 0, 30, 0.0)))
+    assert ld.sh_synthesis(x.clone().requires_grad_(True), 5, 12).grad_fn is not None  # autograd: through the op

@@ -1,0 +1,75 @@
+"""geolocate throughput vs accuracy on the demo model (issue 11, section 4): inputs/s against % within
+750 / 2500 km for sampler settings, on VALIDATION crops that the demo's reported tables never use.
+
+Validation: the demo's region hold-out and random-split crops that are neither in its evaluated test
+subsets (1500 + 1000) nor in the 256 crops its training monitored; the region ones come from the same
+held-out tiles as the test crops (other crops), so the region rows are indicative, not independent.
+
+Run (after `locdiff demo`):  python benchmarks/throughput.py [--model ~/.cache/locdiff/demo-model] [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import locdiff_ext as ld
+from locdiff_ext.datasets.bluemarble import build_dataset
+from locdiff_ext.datasets.demo import DemoConfig, _eval_subset
+from locdiff_ext.inference import default_model_dir
+from locdiff_ext.kernels.geometry import great_circle_km
+
+SETTINGS = [  # (sampler, steps, samples)
+    ("ddim", 25, 16),
+    ("ddim", 10, 16),
+    ("dpm++", 10, 16),
+    ("dpm++", 8, 8),
+    ("dpm++", 6, 8),
+    ("dpm++", 8, 4),
+    ("dpm++", 5, 4),
+]
+
+
+def validation_sets(cfg: DemoConfig, n: int):
+    data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, cfg.seed)
+    out = {}
+    for split, used in [("test_region", cfg.eval_region), ("test_random", cfg.eval_random)]:
+        pool = data.splits[split]
+        taken = set(_eval_subset(pool, used, cfg.seed).tolist())
+        if split == "test_random":
+            taken |= set(_eval_subset(pool, 256, cfg.seed).tolist())  # the training's monitor set
+        rest = np.array(sorted(set(pool.tolist()) - taken))
+        idx = np.sort(np.random.default_rng(cfg.seed + 101).choice(rest, min(n, len(rest)), replace=False))
+        out[split] = (data.tensors(idx), torch.from_numpy(data.coords[idx]))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the demo model)")
+    ap.add_argument("--n", type=int, default=300, help="validation crops per split")
+    args = ap.parse_args(argv)
+    model = ld.LocDiff.from_pretrained(args.model or default_model_dir())
+    sets = validation_sets(DemoConfig(), args.n)
+    emb = {k: model.embed(x) for k, (x, _) in sets.items()}  # embedding is not what is being timed
+    print(f"model: L={model.config.L}, retrieval_k={model.config.retrieval_k}, guidance {model.default_guidance}; "
+          f"{args.n} validation crops per split; {torch.get_num_threads()} threads")
+    print("\n| sampler | steps | samples | inputs/s | region 750 / 2500 km | random 750 / 2500 km |")
+    print("|---|---:|---:|---:|---|---|")
+    for sampler, steps, samples in SETTINGS:
+        model.config.sampler = sampler
+        cells, rate = [], []
+        for split, (_, truth) in sets.items():
+            t0 = time.perf_counter()
+            coords, _, _ = model.predict(emb[split], num_samples=samples, steps=steps, seed=0)
+            rate.append(len(truth) / (time.perf_counter() - t0))
+            km = great_circle_km(coords[:, 0], truth)
+            cells.append(f"{(km < 750).double().mean() * 100:.1f} / {(km < 2500).double().mean() * 100:.1f}")
+        print(f"| {sampler} | {steps} | {samples} | {np.mean(rate):.1f} | {cells[0]} | {cells[1]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
