@@ -165,7 +165,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     train_set = EmbeddingDataset(emb[tr], coords[tr])
     torch.manual_seed(cfg.seed)
     model = LocDiff(LocDiffConfig(cond_dim=cfg.embed_dim, L=cfg.L, widths=cfg.widths, time_dim=128, dropout=0.1,
-                                  num_samples=cfg.num_samples, sample_steps=25, retrieval_k=cfg.retrieval_k),
+                                  num_samples=cfg.num_samples, retrieval_k=cfg.retrieval_k),
                     image_encoder=enc)
     val_idx = _eval_subset(data.splits["test_random"], 256, cfg.seed)
     tcfg = TrainConfig(steps=cfg.diffusion_steps, batch_size=256, lr=1e-3, warmup_steps=min(200, cfg.diffusion_steps // 10),
