@@ -124,6 +124,17 @@ class SeparableGrid {
   int north_ring(int pair) const { return pair; }
   int south_ring(int pair) const { return nlat_ - 1 - pair; }  // == north_ring for the middle ring of odd nlat
 
+  // f(ring, slot) for each ring of the group of pairs starting at p0: the north then the south ring of
+  // each pair (the middle ring of an odd nlat once); slot indexes ring_sums (south slots from group()).
+  template <typename F>
+  void for_each_ring(int p0, F&& f) const {
+    const int np = std::min(group_, npairs_ - p0);
+    for (int i = 0; i < np; ++i) {
+      f(north_ring(p0 + i), i);
+      if (south_ring(p0 + i) != north_ring(p0 + i)) f(south_ring(p0 + i), group_ + i);
+    }
+  }
+
   // Legendre stage for pairs [p0, min(p0 + group, npairs)): w.g = gc, gs of each of their rings.
   void legendre(int p0, Work& w) const {
     const int np = std::min(group_, npairs_ - p0), G = group_;

@@ -249,18 +249,13 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
         }
         const int p0 = g * grid.group();
         grid.legendre(p0, w);
-        const int np = std::min(grid.group(), grid.npairs() - p0);
-        for (int i = 0; i < np; ++i)
-          for (int side = 0; side < 2; ++side) {
-            const int pair = p0 + i;
-            const int ring = side ? grid.south_ring(pair) : grid.north_ring(pair);
-            if (side && ring == grid.north_ring(pair)) continue;
-            const double* f = grid.fourier(grid.ring_sums(w, side ? grid.group() + i : i), w);
-            for (int v = 0; v < rows; ++v) {
-              T* o = out + (b0 + v) * plane + (int64_t)ring * nlon;
-              for (int k = 0; k < nlon; ++k) o[k] = (T)f[(size_t)k * W + v];
-            }
+        grid.for_each_ring(p0, [&](int ring, int slot) {
+          const double* f = grid.fourier(grid.ring_sums(w, slot), w);
+          for (int v = 0; v < rows; ++v) {
+            T* o = out + (b0 + v) * plane + (int64_t)ring * nlon;
+            for (int k = 0; k < nlon; ++k) o[k] = (T)f[(size_t)k * W + v];
           }
+        });
       });
   }
   errs.rethrow();
@@ -288,22 +283,17 @@ void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int
       const int rows = (int)std::min<int64_t>(W, batch - b0);
       std::fill(w.cw.begin(), w.cw.end(), 0.0);
       for (int p0 = 0; p0 < grid.npairs(); p0 += grid.group()) {
-        const int np = std::min(grid.group(), grid.npairs() - p0);
-        for (int i = 0; i < np; ++i)
-          for (int side = 0; side < 2; ++side) {
-            const int pair = p0 + i;
-            const int ring = side ? grid.south_ring(pair) : grid.north_ring(pair);
-            if (side && ring == grid.north_ring(pair)) continue;
-            for (int v = 0; v < W; ++v) {
-              if (v < rows) {
-                const T* g = grad_out + (b0 + v) * plane + (int64_t)ring * nlon;
-                for (int k = 0; k < nlon; ++k) f[(size_t)k * W + v] = (double)g[k];
-              } else {
-                for (int k = 0; k < nlon; ++k) f[(size_t)k * W + v] = 0.0;
-              }
+        grid.for_each_ring(p0, [&](int ring, int slot) {
+          for (int v = 0; v < W; ++v) {
+            if (v < rows) {
+              const T* g = grad_out + (b0 + v) * plane + (int64_t)ring * nlon;
+              for (int k = 0; k < nlon; ++k) f[(size_t)k * W + v] = (double)g[k];
+            } else {
+              for (int k = 0; k < nlon; ++k) f[(size_t)k * W + v] = 0.0;
             }
-            grid.fourier_adjoint(f.data(), grid.ring_sums(w, side ? grid.group() + i : i), w);
           }
+          grid.fourier_adjoint(f.data(), grid.ring_sums(w, slot), w);
+        });
         grid.legendre_adjoint(p0, w);
       }
       grid.store_coeffs(w, rows, grad_coeffs + b0 * K);
@@ -504,22 +494,19 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
       int count[2] = {0, 0};
       for (int p0 = 0; p0 < grid.npairs(); p0 += grid.group()) {
         grid.legendre(p0, w);
-        const int np = std::min(grid.group(), grid.npairs() - p0);
-        for (int i = 0; i < np; ++i)
-          for (int side = 0; side < 2; ++side) {
-            const int pair = p0 + i;
-            if (side && grid.south_ring(pair) == grid.north_ring(pair)) continue;
-            const double* f = grid.fourier(grid.ring_sums(w, side ? grid.group() + i : i), w);
-            const int seq = count[side]++;
-            for (int r = 0; r < rows; ++r) {
-              float* dst = slot(side, seq, r);
-              for (int k = 0; k < nlon; ++k) dst[k] = (float)f[(size_t)k * W + r];
-            }
-            if (seq >= 1)  // ring seq - 1 of this hemisphere now has both neighbours
-              for (int r = 0; r < rows; ++r)
-                ring_maxima(seq >= 2 ? slot(side, seq - 2, r) : nullptr, slot(side, seq - 1, r), slot(side, seq, r),
-                            ring_of(side, seq - 1), nlat, nlon, tops[r]);
+        grid.for_each_ring(p0, [&](int, int gslot) {
+          const int side = gslot >= grid.group();  // 0: north hemisphere, 1: south
+          const double* f = grid.fourier(grid.ring_sums(w, gslot), w);
+          const int seq = count[side]++;
+          for (int r = 0; r < rows; ++r) {
+            float* dst = slot(side, seq, r);
+            for (int k = 0; k < nlon; ++k) dst[k] = (float)f[(size_t)k * W + r];
           }
+          if (seq >= 1)  // ring seq - 1 of this hemisphere now has both neighbours
+            for (int r = 0; r < rows; ++r)
+              ring_maxima(seq >= 2 ? slot(side, seq - 2, r) : nullptr, slot(side, seq - 1, r), slot(side, seq, r),
+                          ring_of(side, seq - 1), nlat, nlon, tops[r]);
+        });
       }
       for (int side = 0; side < 2; ++side) {  // the last ring of each hemisphere: the other's is its neighbour
         const int seq = count[side] - 1, other = count[1 - side] - 1;

@@ -117,6 +117,18 @@ class DDIMSampler:
         T = self.schedule.num_steps
         return sorted({int(round(v)) for v in torch.linspace(T - 1, 0, self.steps).tolist()}, reverse=True)
 
+    def _denoise(self, fn: Callable, x: Tensor, t: int, cond: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(x0, eps) estimates at timestep t from one (guided) network evaluation; x0 clipped if asked."""
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        with torch.profiler.record_function("locdiff.network"):
+            pred = fn(x, tt, cond)
+        x0, eps = self.schedule.to_x0_eps(pred, x, tt, self.prediction)
+        if self.clip_x0 is not None:
+            abar = self.schedule.alphas_cumprod[t]
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return x0, eps
+
     @torch.no_grad()
     def sample(self, model: Callable, cond: Optional[Tensor], shape, generator: Optional[torch.Generator] = None,
                device=None, dtype=torch.float32, guidance_scale: float = 1.0) -> Tensor:
@@ -127,13 +139,7 @@ class DDIMSampler:
         x = randn(shape, generator, dtype).to(device or "cpu")
         ts = self.timesteps()
         for i, t in enumerate(ts):
-            tt = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
-            with torch.profiler.record_function("locdiff.network"):
-                pred = fn(x, tt, cond)
-            x0, eps = self.schedule.to_x0_eps(pred, x, tt, self.prediction)
-            if self.clip_x0 is not None:
-                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-                eps = (x - abar_all[t].sqrt() * x0) / (1 - abar_all[t]).sqrt()
+            x0, eps = self._denoise(fn, x, t, cond)
             if i == len(ts) - 1:
                 return x0
             a_t, a_prev = float(abar_all[t]), float(abar_all[ts[i + 1]])
@@ -175,12 +181,7 @@ class DPMSolverSampler(DDIMSampler):
         lam = [math.log(a / max(s, 1e-12)) for a, s in zip(alpha, sigma)]
         prev_x0, prev_h = None, None
         for i, t in enumerate(ts):
-            tt = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
-            with torch.profiler.record_function("locdiff.network"):
-                pred = fn(x, tt, cond)
-            x0, _ = self.schedule.to_x0_eps(pred, x, tt, self.prediction)
-            if self.clip_x0 is not None:
-                x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            x0, _ = self._denoise(fn, x, t, cond)
             if i == len(ts) - 1:
                 return x0
             h = lam[i + 1] - lam[i]
