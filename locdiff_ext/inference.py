@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .evaluation.calibration import credible_area_km2, region_contains
 from .locdiff import LocDiff
 
 PathLike = Union[str, os.PathLike]
@@ -33,6 +34,21 @@ class Geolocation:
     score: float
     modes: List[Tuple[float, float, float]] = field(default_factory=list)  # (lat, lon, score), best first
     prob_map: Optional[np.ndarray] = None
+
+    def _map(self) -> np.ndarray:
+        if self.prob_map is None:
+            raise ValueError("this Geolocation has no probability map: call geolocate(..., return_map=True)")
+        return self.prob_map
+
+    def credible_area_km2(self, p: float = 0.9) -> float:
+        """Area (km^2) of the smallest region of highest probability density that holds probability ``p``:
+        how far to trust the answer (the whole Earth is 5.1e8 km^2).  Needs ``return_map=True``; its
+        resolution is that of the map (``map_size``)."""
+        return credible_area_km2(self._map(), p)
+
+    def contains(self, lat: float, lon: float, p: float = 0.9) -> bool:
+        """Whether (lat, lon) lies in the ``p`` credible region (see ``credible_area_km2``)."""
+        return region_contains(self._map(), lat, lon, p)
 
     def __repr__(self) -> str:
         extra = f", +{len(self.modes) - 1} more modes" if len(self.modes) > 1 else ""

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 
 from ..data import EmbeddingDataset
 from ..encoders import SmallCNNEncoder
-from ..evaluation import compare_methods, fit_baselines, markdown_table, paired_table
+from ..evaluation import (calibration_table, compare_methods, coverage, fit_baselines, markdown_table, paired_table,
+                          reliability_levels)
 from ..inference import default_model_dir
-from ..kernels.geometry import fibonacci_cells, latlon_to_xyz
+from ..kernels.geometry import fibonacci_cells, latlon_to_xyz, unit_rows
 from ..locdiff import LocDiff, LocDiffConfig
 from ..train import Trainer, TrainConfig, run_files
 from ..progress import Progress
@@ -192,6 +193,21 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
         results[split], paired[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx],
                                                         cfg.seed, paired=True, progress=progress)
         examples[split] = idx
+    # How far to trust an answer: coverage of the 50% / 90% credible regions of LocDiff's probability maps and
+    # of the grid classifier's softmax (the methods here with a density), and a reliability plot.
+    levels, calibration, curves = reliability_levels(), {}, {}
+    loc_name = next(iter(results["test_region"]))
+    for split, short in [("test_region", "unseen"), ("test_random", "seen")]:
+        idx = examples[split]
+        _, _, maps = locdiff.predict(emb[idx], seed=cfg.seed, return_map=True, map_size=(90, 180))
+        grid_maps = baselines["grid"].prob_map(unit_rows(emb[idx].float()), 90, 180)
+        for method, m in [(loc_name, maps), ("grid classification (1024 cells)", grid_maps)]:
+            cov = coverage(m, coords[idx], levels)
+            calibration.setdefault(split, {})[method] = {p: cov[p] for p in (0.5, 0.9)}
+            curves[f"{method.split(' (')[0]}, {short}"] = (levels, [cov[p]["coverage"] for p in levels])
+    from .mapplot import write_reliability_plot
+
+    reliability_path = write_reliability_plot(run_dir / "reliability.png", curves)
     timings["evaluation_s"] = time.perf_counter() - t
 
     model_dir = locdiff.save_pretrained(home / "demo-model")
@@ -214,13 +230,19 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
         md += [f"### {titles[split]}, {next(iter(rows.values()))['n']} crops", "", markdown_table(rows), "",
                "Differences in % within 200 / 750 / 2500 km, LocDiff rows minus each baseline on the same crops "
                "(95% paired bootstrap interval; an interval that contains 0 is a tie):", "",
-               paired_table(paired[split]), ""]
+               paired_table(paired[split]), "",
+               "Calibration: share of true locations inside each method's 50% / 90% highest-density credible "
+               "region, and the regions' median area:", "", calibration_table(calibration[split]), ""]
     (run_dir / "results.md").write_text("\n".join(md))
     (run_dir / "results.json").write_text(json.dumps({"results": results, "paired_differences": paired,
+                                                       "calibration": {k: {m: {str(p): c for p, c in v.items()}
+                                                                           for m, v in rows.items()}
+                                                                       for k, rows in calibration.items()},
                                                        "config": asdict(cfg), "sizes": sizes, "timings": timings}, indent=1))
     log("")
     log("\n".join(md))
-    log(f"model: {model_dir}\nmap:   {map_path}\ntry:   locdiff predict {ex_dir}/*.png\n"
+    log(f"model: {model_dir}\nmap:   {map_path}\nreliability plot: {reliability_path}\n"
+        f"try:   locdiff predict {ex_dir}/*.png\n"
         f"took {timings['total_s']:.0f} s (dataset {timings['dataset_s']:.0f}, encoder {timings['encoder_s']:.0f}, "
         f"training {timings['training_s']:.0f}, evaluation {timings['evaluation_s']:.0f})")
     return results

@@ -116,3 +116,47 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
     canvas.save(path)
     return path
 
+
+
+def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibration of the credible regions") -> Path:
+    """A reliability plot PNG: for each named curve {name: (levels, coverages)}, the share of true locations
+    inside the p credible region against p; a calibrated method lies on the diagonal."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    side, pad = 400, 60
+    W, H = pad + side + 300, pad + side + 60
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+
+    def xy(p, c):
+        return pad + p * side, pad + (1 - c) * side
+
+    d.rectangle([xy(0, 1), xy(1, 0)], outline=(0, 0, 0))
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = xy(t, 0)
+        d.text((x - 10, y + 6), f"{t:.2f}", fill=(0, 0, 0), font=font)
+        x, y = xy(0, t)
+        d.text((x - 40, y - 7), f"{t:.2f}", fill=(0, 0, 0), font=font)
+        d.line([xy(t, 0), xy(t, 1)], fill=(225, 225, 225))
+        d.line([xy(0, t), xy(1, t)], fill=(225, 225, 225))
+    d.line([xy(0, 0), xy(1, 1)], fill=(120, 120, 120), width=1)
+    d.text((pad, 15), title, fill=(0, 0, 0), font=font)
+    d.text((pad + side / 2 - 60, pad + side + 28), "nominal level p", fill=(0, 0, 0), font=font)
+    d.text((5, pad - 30), "share of true locations inside the p region", fill=(0, 0, 0), font=font)
+    colours = [(214, 39, 40), (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75)]
+    for i, (name, (levels, cov)) in enumerate(curves.items()):
+        col = colours[i % len(colours)]
+        pts = [xy(p, c) for p, c in zip(levels, cov)]
+        d.line(pts, fill=col, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        ly = pad + 10 + 20 * i
+        d.line([(pad + side + 12, ly + 7), (pad + side + 30, ly + 7)], fill=col, width=3)
+        d.text((pad + side + 34, ly), name, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    img.save(path)
+    return path

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.geometry import EARTH_RADIUS_KM, fibonacci_cells, latlon_to_xyz, unit_rows, xyz_to_latlon
+from ..kernels.geometry import EARTH_RADIUS_KM, fibonacci_cells, grid_points, latlon_to_xyz, unit_rows, xyz_to_latlon
+from .calibration import cell_areas_km2
 from .metrics import geolocation_metrics, paired_bootstrap
 
 
@@ -75,6 +76,18 @@ class GridClassifier:
     @torch.no_grad()
     def predict(self, emb: Tensor) -> Tensor:
         return self.cells[self.head(emb.float()).argmax(-1)]
+
+    @torch.no_grad()
+    def prob_map(self, emb: Tensor, nlat: int = 90, nlon: int = 180) -> Tensor:
+        """The softmax over cells as maps [N, nlat, nlon] on ``grid_latlon``: each map cell belongs to its
+        nearest class cell, whose probability is spread over its map cells in proportion to their area."""
+        probs = torch.softmax(self.head(emb.float()).double(), -1)
+        pts = latlon_to_xyz(grid_points(nlat, nlon))
+        owner = (pts @ latlon_to_xyz(self.cells).T).argmax(-1)
+        area = torch.from_numpy(cell_areas_km2(nlat, nlon)).repeat_interleave(nlon)
+        owned = torch.zeros(len(self.cells), dtype=torch.float64).index_add_(0, owner, area)
+        maps = probs[:, owner] * (area / owned[owner].clamp(min=1e-300))
+        return (maps / maps.sum(-1, keepdim=True)).reshape(-1, nlat, nlon)
 
 
 class UnitVectorRegressor:

@@ -26,6 +26,15 @@ def test_demo_quick_end_to_end(tmp_path):
         assert len(diffs) == 6 and "LocDiff-R + H - kNN retrieval (top-1)" in diffs
         assert all(lo <= d <= hi for row in diffs.values() for d, lo, hi in row.values())
     assert "95% paired bootstrap" in out.stdout and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in out.stdout
+    for split in ("test_region", "test_random"):  # credible regions of the methods with a density
+        cal = report["calibration"][split]
+        assert set(cal) == {"LocDiff-R (k=8)", "grid classification (1024 cells)"}
+        for levels in cal.values():
+            assert set(levels) == {"0.5", "0.9"} and 0 <= levels["0.5"]["coverage"] <= levels["0.9"]["coverage"] <= 1
+            assert 0 < levels["0.5"]["median_area_km2"] <= levels["0.9"]["median_area_km2"]
+    assert "90% region: coverage" in out.stdout and "reliability plot:" in out.stdout
+    with Image.open(tmp_path / "demo" / "reliability.png") as im:
+        assert im.format == "PNG" and np.asarray(im.convert("RGB")).std() > 20
     with Image.open(tmp_path / "demo" / "map.png") as im:
         assert im.format == "PNG" and im.size == (1080, 3 * (270 + 22) + 40)  # 3 rows of 2 panels, the legend
         px = np.asarray(im.convert("RGB"))
