@@ -25,7 +25,6 @@ typedef double vdu __attribute__((vector_size(8 * W), aligned(8)));
 
 inline vd load(const double* p) { return *reinterpret_cast<const vdu*>(p); }
 inline void store(double* p, vd v) { *reinterpret_cast<vdu*>(p) = v; }
-inline vd splat(double x) { return vd{} + x; }
 
 struct cv {
   vd re, im;
@@ -73,7 +72,6 @@ class LaneFft {
       nl = m;
     }
   }
-  int size() const { return n_; }
   // Doubles of scratch that run() needs.
   size_t scratch_size() const { return 4 * (size_t)W * (max_radix_ + 1); }
   // out[n] = transform of in[n] (layouts above; in and out must not overlap).

@@ -64,8 +64,6 @@ class SeparableGrid {
   int npairs() const { return npairs_; }
   int group() const { return group_; }
   int ngroups() const { return (npairs_ + group_ - 1) / group_; }
-  int nlat() const { return nlat_; }
-  int nlon() const { return nlon_; }
 
   // Per-thread buffers (doubles).
   struct Work {
@@ -75,8 +73,8 @@ class SeparableGrid {
     std::vector<double> pmm;    // sectoral Pbar_mm of each pair, carried from m to m + 1
     std::vector<double> spec, fbuf, scratch;  // Fourier stage
   };
-  void init(Work& w, bool coeffs = true) const {
-    if (coeffs) w.cw.assign(moff_[M_], 0.0);
+  void init(Work& w) const {
+    w.cw.assign(moff_[M_], 0.0);
     w.g.assign(2 * (size_t)group_ * M_ * 2 * W, 0.0);
     w.ptab.assign((size_t)M_ * group_, 0.0);
     w.pmm.assign(group_, 0.0);
@@ -138,9 +136,9 @@ class SeparableGrid {
   // Legendre stage for pairs [p0, min(p0 + group, npairs)): w.g = gc, gs of each of their rings.
   void legendre(int p0, Work& w) const {
     const int np = std::min(group_, npairs_ - p0), G = group_;
-    start_pairs(p0, np, w);
+    start_pairs(np, w);
     for (int m = 0; m <= L_; ++m) {
-      fill_ptab(p0, np, m, w);
+      fill_ptab(p0, m, w);
       const double* c = w.cw.data() + moff_[m];
       const int nl = L_ - m + 1;
       for (int t0 = 0; t0 < np; t0 += kTile) {
@@ -188,9 +186,9 @@ class SeparableGrid {
   // The middle ring of an odd nlat is counted once.
   void legendre_adjoint(int p0, Work& w) const {
     const int np = std::min(group_, npairs_ - p0), G = group_;
-    start_pairs(p0, np, w);
+    start_pairs(np, w);
     for (int m = 0; m <= L_; ++m) {
-      fill_ptab(p0, np, m, w);
+      fill_ptab(p0, m, w);
       double* c = w.cw.data() + moff_[m];
       const int nl = L_ - m + 1;
       for (int t0 = 0; t0 < np; t0 += kTile) {
@@ -318,32 +316,23 @@ class SeparableGrid {
     }
   }
 
-  // Doubles of Work for the given options (memory estimates in ops.py follow this).
-  size_t work_doubles(bool coeffs = true) const {
-    const size_t n = half_ ? half_ + 1 : nlon_;
-    return (coeffs ? (size_t)moff_[M_] : 0) + 2 * (size_t)group_ * M_ * 2 * W + (size_t)M_ * group_ + group_ +
-           4 * W * n + std::max(fwd_.scratch_size(), adj_.scratch_size());
-  }
-
  private:
   static void add(double* p, const lanes::vd& re, const lanes::vd& im) {
     lanes::store(p, lanes::load(p) + re);
     lanes::store(p + W, lanes::load(p + W) + im);
   }
 
-  void start_pairs(int p0, int np, Work& w) const {
+  void start_pairs(int np, Work& w) const {
     for (int i = 0; i < group_; ++i) w.pmm[i] = i < np ? kY00 : 0.0;
-    (void)p0;
   }
 
-  // ptab[l - m][i] = Pbar_lm(x of pair p0 + i); pairs past np are zero.  Called for m = 0, 1, ...
+  // ptab[l - m][i] = Pbar_lm(x of pair p0 + i); pairs past the group's last are zero (their pmm is 0).  Called for m = 0, 1, ...
   // in order: the sectoral start Pbar_mm = sect[m] u Pbar_{m-1,m-1} is carried in w.pmm.
-  void fill_ptab(int p0, int np, int m, Work& w) const {
+  void fill_ptab(int p0, int m, Work& w) const {
     const int G = group_;
     double* pt = w.ptab.data();
     const double* xs = x_.data() + p0;
     const double* us = u_.data() + p0;
-    (void)np;
     if (m > 0)
       for (int i = 0; i < G; ++i) w.pmm[i] *= t_.sect[m] * us[i];
     for (int i = 0; i < G; ++i) pt[i] = w.pmm[i];

@@ -1,7 +1,7 @@
 // CPU kernels: OpenMP over points (or rows), loops over m vectorised by the compiler.
-// Loops are scheduled dynamically in chunks: when another process takes a core, the thread that
-// loses it holds up only its current chunk, not a fixed share of the whole call (static schedules made
-// every call wait for the descheduled thread: 3-4x slower under load than an idle machine).
+// Loops are scheduled dynamically in chunks, so that a thread that loses its core to another process
+// holds up only its current chunk.  (Under such a load the calls still slow ~3x, against ~1.7x with
+// OMP_WAIT_POLICY=passive: libgomp's spin-waiting, which a library cannot switch off; BENCHMARKS.md 1e.)
 #include <algorithm>
 #include <cmath>
 #include <limits>
