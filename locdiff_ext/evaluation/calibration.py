@@ -63,8 +63,9 @@ def credible_region(prob_map, p: float = 0.9) -> np.ndarray:
 
 def credible_area_km2(prob_map, p: float = 0.9) -> float:
     """Area in km^2 of the p credible region (the Earth is 5.1e8 km^2)."""
-    mask = credible_region(prob_map, p)
-    return float((mask * cell_areas_km2(*mask.shape)[:, None]).sum())
+    m, p = _check_map(prob_map), _check_level(p)
+    _, cum, cum_area = _ranked(m)
+    return float(cum_area[_cells_needed(cum, p) - 1])
 
 
 def cell_of(lat: float, lon: float, nlat: int, nlon: int) -> Tuple[int, int]:

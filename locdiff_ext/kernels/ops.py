@@ -261,13 +261,12 @@ def _synthesis_adjoint_matmul(grad: Tensor, L: int) -> Tensor:
     M, K = L + 1, num_coeffs(L)
     key = (L, nlat, nlon, grad.device, grad.dtype)
     if key not in _ADJOINT_TABLES:
-        f64 = dict(dtype=torch.float64)
-        phi = -math.pi + (torch.arange(nlon, **f64) + 0.5) * (2 * math.pi / nlon)
-        m = torch.arange(M, **f64)
+        lat, lon = grid_latlon(nlat, nlon)
+        phi = torch.deg2rad(lon)
+        m = torch.arange(M, dtype=torch.float64)
         norm = torch.where(m > 0, math.sqrt(2.0), 1.0)
         cos = torch.cos(phi[:, None] * m) * norm
         sin = torch.sin(phi[:, None] * m) * norm * (m > 0)
-        lat = 90.0 - (torch.arange(nlat, **f64) + 0.5) * (180.0 / nlat)
         Y = _basis_impl(torch.stack([lat, torch.zeros_like(lat)], 1), L, None)  # [nlat, K], CPU float64
         l = torch.arange(M)
         mm, ll = torch.meshgrid(torch.arange(M), l, indexing="ij")  # [m, l]
@@ -351,7 +350,6 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
                               or (grad and t.requires_grad)):
             return False
     return True
-
 
 
 def _check_float(x, name: str) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..kernels.geometry import EARTH_RADIUS_KM, great_circle_km, grid_latlon, grid_points, latlon_to_xyz
 from ..kernels.ops import sh_synthesis
-from .shdd import SHDDDecoder, SHDDEncoder
+from .shdd import SHDDDecoder, SHDDEncoder, gaussian_taper, per_coefficient
 
 AGGREGATES = ("mean", "mode")
 
@@ -50,9 +50,7 @@ class SampleAggregator:
         """Per-cell probabilities [B, nlat, nlon] of the sample mean, smoothed with the SHDD-KL
         Gaussian (no negative side lobes), clamped at 0 and weighted by cell area."""
         coeffs = self.shdd.unscale(samples.mean(dim=1).double())
-        l = torch.arange(self.shdd.L + 1, dtype=torch.float64, device=coeffs.device)
-        smooth = torch.exp(-l * (l + 1) * self.smoothing ** 2 / 2)
-        coeffs = coeffs * torch.repeat_interleave(smooth, (2 * l + 1).long())
+        coeffs = coeffs * per_coefficient(gaussian_taper(self.shdd.L, self.smoothing)).to(coeffs.device)
         f = sh_synthesis(coeffs, nlat, nlon).clamp(min=0)
         lat, _ = grid_latlon(nlat, nlon, device=f.device)
         p = f * torch.cos(torch.deg2rad(lat))[None, :, None]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..kernels.geometry import grid_latlon
 from ..kernels.ops import sh_synthesis
+from .shdd import gaussian_taper, per_coefficient
 
 PREDICTIONS = ("epsilon", "x0")
 
@@ -240,10 +241,10 @@ class SHDDKLLoss(nn.Module):
         if key not in self._tables:
             L = self.L
             l = torch.arange(L + 1, dtype=torch.float64)
-            smooth = torch.exp(-l * (l + 1) * self.smoothing ** 2 / 2)
+            smooth = gaussian_taper(L, self.smoothing)
             v = torch.ones(L + 1, dtype=torch.float64) if self.weights is None else self.weights
             f_peak = float(((2 * l + 1) * smooth * v).sum()) / (4 * math.pi)
-            factors = torch.repeat_interleave(smooth, (2 * l + 1).long()) / (self.scale * self.temperature * f_peak)
+            factors = per_coefficient(smooth) / (self.scale * self.temperature * f_peak)
             lat, _ = grid_latlon(self.nlat, self.nlon)
             area = torch.cos(torch.deg2rad(lat)).clamp(min=1e-12).repeat_interleave(self.nlon)
             self._tables[key] = (factors.float().to(device), torch.log(area / area.sum()).float().to(device))

@@ -32,8 +32,19 @@ def degree_weights(L: int, weighting: str = "none", sigma: Optional[float] = Non
     s = (3.0 / max(L, 1)) if sigma is None else float(sigma)
     if not (s > 0 and math.isfinite(s)):
         raise ValueError(f"sigma must be a positive finite number of radians, got {sigma!r}")
+    return gaussian_taper(L, s)
+
+
+def gaussian_taper(L: int, sigma: float) -> Tensor:
+    """exp(-l(l+1) sigma^2 / 2) for l = 0..L (float64): the heat-kernel smoothing of width sigma radians
+    (0: none), used by the 'gaussian' weighting, the SHDD-KL loss and the probability maps."""
     l = torch.arange(L + 1, dtype=torch.float64)
-    return torch.exp(-l * (l + 1) * s * s / 2)
+    return torch.exp(-l * (l + 1) * sigma * sigma / 2)
+
+
+def per_coefficient(w: Tensor) -> Tensor:
+    """Per-degree values [L+1] repeated over the 2l+1 orders of each degree: [(L+1)^2], column order."""
+    return torch.repeat_interleave(w, 2 * torch.arange(w.shape[0], device=w.device) + 1)
 
 
 def unit_scale(L: int, weights: Optional[Tensor]) -> float:
