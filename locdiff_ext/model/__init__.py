@@ -4,17 +4,18 @@
 - ``unet``: CS-UNet, the conditional SIREN U-Net denoiser;
 - ``diffusion``: noise schedules, DDIM/DDPM samplers, SHDD-KL and MSE losses (diffusers style:
   schedulers apart from the model);
-- ``retrieval``: the gallery of a retrieval-conditioned LocDiff-R and what the denoiser sees of it;
+- ``retrieval``: the gallery of a retrieval-conditioned LocDiff-R and what the denoiser sees of it, and
+  the kNN density baseline built from the same neighbour mixture;
 - ``aggregate``: diffusion samples -> modes, scores and probability maps.
 Imports ``checks``, ``kernels`` and ``data`` only.
 """
 
 from .aggregate import AGGREGATES, SampleAggregator
 from .diffusion import PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss, mse_loss
-from .retrieval import Gallery, neighbour_features, sample_holdout
+from .retrieval import Gallery, KNNDensity, neighbour_features, sample_holdout
 from .shdd import SHDDDecoder, SHDDEncoder, degree_weights
 from .unet import CSUNet, CSUNetConfig
 
 __all__ = ["SHDDEncoder", "SHDDDecoder", "degree_weights", "CSUNet", "CSUNetConfig", "NoiseSchedule", "DDIMSampler",
-           "DDPMSampler", "DPMSolverSampler", "SHDDKLLoss", "mse_loss", "PREDICTIONS", "Gallery", "neighbour_features", "sample_holdout",
+           "DDPMSampler", "DPMSolverSampler", "SHDDKLLoss", "mse_loss", "PREDICTIONS", "Gallery", "KNNDensity", "neighbour_features", "sample_holdout",
            "SampleAggregator", "AGGREGATES"]

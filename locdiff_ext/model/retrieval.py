@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import validate_coords, validate_embeddings
+from ..checks import check_float, check_int, validate_coords, validate_embeddings
 from ..kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz, unit_rows, xyz_to_latlon
+from .aggregate import SampleAggregator
+from .shdd import SHDDDecoder, SHDDEncoder
 
 
 SELF_KM = 1e-3  # the smallest hold-out radius (1 m): hides the sample itself
@@ -134,4 +136,42 @@ def neighbour_features(sims: Tensor, coords: Tensor, shdd: nn.Module, temperatur
     return torch.where(ok, sims.float(), torch.full_like(sims.float(), -1.0)), prior
 
 
-__all__ = ["Gallery", "sample_holdout", "neighbour_features"]
+class KNNDensity:
+    """The kNN top-k density baseline: the softmax(similarity / temperature)-weighted mixture of the
+    SHDD vectors of the ``k`` most similar gallery entries (the prior a LocDiff-R denoiser sees, a
+    kernel density of where the lookalikes are), read like LocDiff's sample mean: its mode is the
+    prediction and its smoothed map the probability map, so kNN gets credible regions too.
+    ``k`` = 1 is top-1 retrieval; ``smoothing`` (radians, default 3/L) is the maps' Gaussian taper."""
+
+    def __init__(self, gallery_emb: Tensor, gallery_coords: Tensor, k: int = 16, temperature: float = 0.03,
+                 L: int = 32, smoothing: Optional[float] = None):
+        self.k = check_int(k, "k", 1, 1024)
+        self.temperature = check_float(temperature, "temperature", 0.0, lo_open=True)
+        check_int(L, "L", 1, 256)
+        e = validate_embeddings(gallery_emb, "gallery_emb")
+        self.gallery = Gallery(e.shape[1]).set(e, gallery_coords)
+        self.shdd = SHDDEncoder(L)
+        s = 3.0 / L if smoothing is None else check_float(smoothing, "smoothing", 0.0, lo_open=True)
+        self.aggregator = SampleAggregator(self.shdd, SHDDDecoder(self.shdd), s)
+
+    @torch.no_grad()
+    def mixture(self, emb: Tensor) -> Tensor:
+        """The weighted SHDD mixture of each query's neighbours as one scaled 'sample': [N, 1, K]."""
+        q = unit_rows(validate_embeddings(emb, "emb", self.gallery.dim).float())
+        sims, coords = self.gallery.search(q, self.k)
+        _, prior = neighbour_features(sims, coords, self.shdd, self.temperature)
+        return prior[:, self.shdd.dim:, None].transpose(1, 2)
+
+    @torch.no_grad()
+    def predict(self, emb: Tensor, chunk: int = 1024) -> Tensor:
+        """The mixture's mode per query: [N, 2] (lat, lon) float64."""
+        return torch.cat([self.aggregator(self.mixture(emb[i:i + chunk]), 1)[0][:, 0]
+                          for i in range(0, emb.shape[0], chunk)])
+
+    @torch.no_grad()
+    def prob_map(self, emb: Tensor, nlat: int = 90, nlon: int = 180) -> Tensor:
+        """Per-cell probabilities [N, nlat, nlon] of the smoothed mixture (SampleAggregator.probability_map)."""
+        return self.aggregator.probability_map(self.mixture(emb), nlat, nlon)
+
+
+__all__ = ["Gallery", "sample_holdout", "neighbour_features", "KNNDensity"]

@@ -11,7 +11,7 @@ from helpers import random_coords, tiny_model
 import locdiff_ext as ld
 from locdiff_ext.data import EmbeddingDataset
 from locdiff_ext.kernels.geometry import great_circle_km
-from locdiff_ext.model.retrieval import Gallery, neighbour_features, sample_holdout
+from locdiff_ext.model.retrieval import Gallery, KNNDensity, neighbour_features, sample_holdout
 from locdiff_ext.model.shdd import SHDDEncoder
 from locdiff_ext.train import TrainConfig, Trainer
 
@@ -131,3 +131,34 @@ def test_gallery_is_saved_with_the_model_and_errors_are_clear(tmp_path):
     loaded = ld.LocDiff.from_pretrained(path)
     assert len(loaded.gallery) == 50
     torch.testing.assert_close(loaded.predict(emb[:4], seed=1)[0], a)
+
+
+def test_knn_density_finds_where_the_lookalikes_concentrate_and_gives_a_map():
+    from locdiff_ext.evaluation import credible_region
+    from locdiff_ext.kernels.geometry import great_circle_km
+
+    g = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(1, 16, generator=g), dim=-1)
+    # 6 lookalikes near Paris, one more similar entry alone in Sydney, dissimilar ones elsewhere
+    near = F.normalize(query + 0.05 * torch.randn(6, 16, generator=g), dim=-1)
+    far = F.normalize(torch.randn(30, 16, generator=g), dim=-1)
+    emb = torch.cat([query * 1.0, near, far])
+    paris = torch.tensor([48.85, 2.35], dtype=torch.float64)
+    coords = torch.cat([torch.tensor([[-33.87, 151.21]], dtype=torch.float64),
+                        paris + 0.5 * torch.randn(6, 2, generator=g, dtype=torch.float64),
+                        torch.stack([torch.rand(30, generator=g, dtype=torch.float64) * 120 - 60,
+                                     torch.rand(30, generator=g, dtype=torch.float64) * 360 - 180], 1)])
+    top1 = KNNDensity(emb, coords, k=1, L=32)
+    assert great_circle_km(top1.predict(query)[0], coords[0]).item() < 50  # k=1: the single best entry
+    dens = KNNDensity(emb, coords, k=8, temperature=0.1, L=32)
+    assert great_circle_km(dens.predict(query)[0], paris).item() < 150  # the cluster outweighs the single best
+    p = dens.prob_map(query, 90, 180)
+    assert p.shape == (1, 90, 180) and torch.allclose(p.sum(), torch.tensor(1.0, dtype=p.dtype)) and (p >= 0).all()
+    region = credible_region(p[0], 0.9)
+    assert region.shape == (90, 180) and 0 < region.mean() < 0.2
+    with pytest.raises(ValueError, match="k"):
+        KNNDensity(emb, coords, k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        KNNDensity(emb, coords, temperature=float("nan"))
+    with pytest.raises(ValueError, match="emb"):
+        dens.predict(torch.randn(2, 5))
