@@ -67,6 +67,7 @@ class LocDiffConfig:
     num_samples: int = 16
     guidance_scale: Optional[float] = None          # None: 2.0 if trained with condition dropout, else 1.0
     aggregate: str = "mean"
+    map_sharpness: float = 1.0                      # probability maps' density ^ this (calibrated on validation data)
     retrieval_k: int = 0                            # > 0: condition on the k most similar gallery entries
     retrieval_holdout_km: float = 1000.0            # training hold-out caps' radii up to this (locdiff_ext.model.retrieval)
     retrieval_temperature: float = 0.03             # softmax temperature of the neighbours' density prior
@@ -89,6 +90,7 @@ class LocDiffConfig:
         if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, (list, tuple)) or not 1 <= len(self.widths) <= 16:
             raise ValueError(f"widths must be a list of 1 to 16 ints, got {self.widths!r}")
         self.widths = tuple(check_int(w, "widths[i]", 1, MAX_WIDTH) for w in self.widths)
+        check_float(self.map_sharpness, "map_sharpness", 0.0, 100.0, lo_open=True)
         for name in ("w0_initial", "w0", "kl_temperature", "retrieval_temperature"):
             check_float(getattr(self, name), name, 0.0, lo_open=True)
         for name in ("taper_sigma", "kl_smoothing"):
@@ -349,8 +351,9 @@ class LocDiff(nn.Module):
         return self.aggregator.lobe_km
 
     def probability_map(self, samples: Tensor, nlat: int = 180, nlon: int = 360) -> Tensor:
-        """Per-cell probabilities [B, nlat, nlon] of samples [B, S, K] (``SampleAggregator.probability_map``)."""
-        return self.aggregator.probability_map(samples, nlat, nlon)
+        """Per-cell probabilities [B, nlat, nlon] of samples [B, S, K] (``SampleAggregator.probability_map``),
+        temperature-scaled by the config's ``map_sharpness`` (locdiff_ext.evaluation.calibration.sharpen)."""
+        return self.aggregator.probability_map(samples, nlat, nlon, self.config.map_sharpness)
 
     @torch.no_grad()
     def predict(self, inputs, top_k: int = 1, num_samples: Optional[int] = None, steps: Optional[int] = None,

@@ -46,12 +46,15 @@ class SampleAggregator:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
         return self.decode_mean(samples, top_k) if how == "mean" else self.decode_mode(samples, top_k)
 
-    def probability_map(self, samples: Tensor, nlat: int = 180, nlon: int = 360) -> Tensor:
+    def probability_map(self, samples: Tensor, nlat: int = 180, nlon: int = 360, sharpness: float = 1.0) -> Tensor:
         """Per-cell probabilities [B, nlat, nlon] of the sample mean, smoothed with the SHDD-KL
-        Gaussian (no negative side lobes), clamped at 0 and weighted by cell area."""
+        Gaussian (no negative side lobes), clamped at 0, raised to the power ``sharpness`` (a density
+        temperature calibrated on validation data; 1: none) and weighted by cell area."""
         coeffs = self.shdd.unscale(samples.mean(dim=1).double())
         coeffs = coeffs * per_coefficient(gaussian_taper(self.shdd.L, self.smoothing)).to(coeffs.device)
         f = sh_synthesis(coeffs, nlat, nlon).clamp(min=0)
+        if sharpness != 1.0:
+            f = (f / f.amax(dim=(1, 2), keepdim=True).clamp(min=1e-300)) ** sharpness
         lat, _ = grid_latlon(nlat, nlon, device=f.device)
         p = f * torch.cos(torch.deg2rad(lat))[None, :, None]
         return p / p.sum(dim=(1, 2), keepdim=True).clamp(min=1e-300)
