@@ -1,9 +1,8 @@
 """geolocate throughput vs accuracy on the demo model (issue 11, section 4): inputs/s against % within
 750 / 2500 km for sampler settings, on VALIDATION crops that the demo's reported tables never use.
 
-Validation: the demo's region hold-out and random-split crops that are neither in its evaluated test
-subsets (1500 + 1000) nor in the 256 crops its training monitored; the region ones come from the same
-held-out tiles as the test crops (other crops), so the region rows are indicative, not independent.
+Validation: crops of the dataset's validation splits (their own held-out tiles and random crops, disjoint
+from the test crops).
 
 Run (after `locdiff demo`):  python benchmarks/throughput.py [--model ~/.cache/locdiff/demo-model] [--n 300]
 """
@@ -34,15 +33,12 @@ SETTINGS = [  # (sampler, steps, samples); the first is the reference of the pai
 
 
 def validation_sets(cfg: DemoConfig, n: int):
+    """``n`` crops of each validation split (never the test crops; the demo's choices were made on the same
+    validation splits, so accuracy differences here are validation figures)."""
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, cfg.seed)
     out = {}
-    for split, used in [("test_region", cfg.eval_region), ("test_random", cfg.eval_random)]:
-        pool = data.splits[split]
-        taken = set(_eval_subset(pool, used, cfg.seed).tolist())
-        if split == "test_random":
-            taken |= set(_eval_subset(pool, 256, cfg.seed).tolist())  # the training's monitor set
-        rest = np.array(sorted(set(pool.tolist()) - taken))
-        idx = np.sort(np.random.default_rng(cfg.seed + 101).choice(rest, min(n, len(rest)), replace=False))
+    for split in ("val_region", "val_random"):
+        idx = _eval_subset(data.splits[split], n, cfg.seed + 101)
         out[split] = (data.tensors(idx), torch.from_numpy(data.coords[idx]))
     return out
 
@@ -53,7 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=300, help="validation crops per split")
     args = ap.parse_args(argv)
     model = ld.LocDiff.from_pretrained(args.model or default_model_dir())
-    sets = validation_sets(DemoConfig(), args.n)
+    sets = validation_sets(DemoConfig(image_px=model.image_encoder.image_size), args.n)  # crops as the model saw them
     emb = {k: model.embed(x) for k, (x, _) in sets.items()}  # embedding is not what is being timed
     print(f"model: L={model.config.L}, retrieval_k={model.config.retrieval_k}, guidance {model.default_guidance}; "
           f"{args.n} validation crops per split; {torch.get_num_threads()} threads")

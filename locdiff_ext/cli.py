@@ -235,7 +235,7 @@ def _predict(args) -> int:
 def _demo(args) -> int:
     from .datasets.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg = DemoConfig.quick(encoder=args.encoder) if args.quick else DemoConfig(encoder=args.encoder)
     if args.retrieval_k is not None:
         if args.retrieval_k < 0:
             raise ValueError(f"--retrieval-k must be >= 0, got {args.retrieval_k}")
@@ -307,15 +307,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="train and evaluate on real satellite images (Blue Marble), offline",
-                       description="Builds the Blue Marble crop dataset, trains the image encoder, LocDiff and the "
-                                   "baselines, prints the table, writes a map PNG and saves the model that "
-                                   "geolocate() and `locdiff predict` use by default.")
+                       description="Builds the Blue Marble crop dataset, embeds it with a frozen image encoder, "
+                                   "chooses settings on validation crops, trains LocDiff and the baselines, prints "
+                                   "the test table and the calibration of credible regions, writes map and "
+                                   "reliability PNGs and saves the model that geolocate() and `locdiff predict` use "
+                                   "by default.")
     p.add_argument("--quick", action="store_true", help="the half-minute version (smaller data, fewer steps)")
     p.add_argument("--out", help="output directory (default: $LOCDIFF_HOME, else ~/.cache/locdiff)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch and the kernels (one OpenMP runtime; default: every core)")
     p.add_argument("--retrieval-k", type=int, default=None,
                    help="neighbours a retrieval-conditioned LocDiff sees (default 8; 0: the paper's plain LocDiff)")
+    p.add_argument("--encoder", choices=["efficientnet", "cnn"], default="efficientnet",
+                   help="image features: frozen ImageNet EfficientNet-Lite0 (default, the paper's setting) or "
+                        "a small CNN trained on the training crops' geography")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 

@@ -1,23 +1,30 @@
 """``locdiff demo``: geolocate real satellite images end to end, offline, on a CPU.
 
-1. Build the Blue Marble crop dataset (locdiff_ext.datasets.bluemarble): one training set, a region
-   hold-out test set (unseen places) and a random test set (seen places).
-2. Pre-train the small CNN image encoder on the training crops with an auxiliary objective:
-   geo-smoothed classification over Fibonacci cells (soft labels exp(-d / tau), a cosine
-   classifier on the L2-normalised embedding).  Why first and not jointly with the denoiser:
-   LocDiff then conditions on frozen embeddings, as the paper does with CLIP, every baseline gets
-   exactly the same features (the comparison isolates the location head), and the denoiser trains
-   on cached embeddings at thousands of samples per second on a CPU.
-3. Train LocDiff on (embedding, location) pairs, by default retrieval-conditioned (LocDiff-R: the
-   denoiser also sees its input's most similar training crops, locdiff_ext.model.retrieval; it beat plain
-   LocDiff on both splits, BENCHMARKS.md; ``retrieval_k=0`` / ``--retrieval-k 0`` trains the paper's
-   plain model); fit the baselines (kNN retrieval, grid classification, unit-vector regression) on
+1. Build the Blue Marble crop dataset (locdiff_ext.datasets.bluemarble): training crops, and for
+   validation and for test each a region hold-out set (unseen places) and a random set (seen places).
+2. Image features, one of two settings (``DemoConfig.encoder``):
+   - ``"efficientnet"`` (default, the paper's setting): a FROZEN ImageNet EfficientNet-Lite0, generic
+     features never trained on geography, as the paper conditions on frozen CLIP features.  Crops are
+     fed at native resolution, 64 px (chosen on validation: python/bluemarble_encoder_probe.py,
+     BENCHMARKS.md);
+   - ``"cnn"``: the small CNN pre-trained on the training crops to classify geographic cells
+     (geo-smoothed soft labels exp(-d / tau), a cosine classifier on the L2-normalised embedding).  Its
+     embedding neighbours are geographic neighbours by construction, which favours retrieval.
+   Either way LocDiff and every baseline condition on exactly the same frozen features, so the
+   comparison isolates the location head.
+3. Choose on the VALIDATION crops what is chosen: the kNN density baseline's k and temperature (the
+   temperature also becomes LocDiff-R's neighbour-prior temperature); training is monitored on
+   validation crops too.  Train LocDiff on (embedding, location) pairs, by default retrieval-conditioned
+   (LocDiff-R: the denoiser also sees its input's most similar training crops,
+   locdiff_ext.model.retrieval; ``retrieval_k=0`` / ``--retrieval-k 0`` trains the paper's plain model);
+   fit the baselines (kNN top-1 retrieval, kNN density, grid classification, unit-vector regression) on
    the same embeddings; LocDiff-H on top.
-4. Evaluate everything on both test sets, print the table (with paired bootstrap intervals of
-   the LocDiff rows' differences to each baseline), write results.json / results.md, a
-   PNG world map of a few held-out crops with their top-3 modes and probability maps, example
-   crops to try ``locdiff predict`` on, and the model (``save_pretrained``, image encoder
-   included) where ``geolocate`` finds it when given no model.
+4. Evaluate everything once on both test sets, print the table (with paired bootstrap intervals of
+   the LocDiff rows' differences to each baseline) and the calibration of the credible regions, write
+   results.json / results.md, a reliability plot, a PNG world map of a few held-out crops with their
+   top-3 modes and probability maps, example crops to try ``locdiff predict`` on, and the model
+   (``save_pretrained``, image encoder included) where ``geolocate`` finds it when given no model.
+The multi-seed protocol over both encoder settings is python/bluemarble_protocol.py.
 """
 
 from __future__ import annotations
@@ -29,30 +36,34 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..data import EmbeddingDataset
-from ..encoders import SmallCNNEncoder
-from ..evaluation import (calibration_table, compare_methods, coverage, fit_baselines, markdown_table, paired_table,
-                          reliability_levels)
+from ..encoders import ImageEncoder, SmallCNNEncoder
+from ..evaluation import (calibration_table, compare_methods, coverage, fit_baselines, fit_sharpness,
+                          geolocation_metrics, markdown_table, paired_table, reliability_levels, sharpen)
 from ..inference import default_model_dir
 from ..kernels.geometry import fibonacci_cells, latlon_to_xyz, unit_rows
 from ..locdiff import LocDiff, LocDiffConfig
+from ..model import KNNDensity
 from ..train import Trainer, TrainConfig, run_files
 from ..progress import Progress
 from .bluemarble import BlueMarbleCrops, build_dataset
+
+ENCODER_SETTINGS = ("efficientnet", "cnn")
 
 
 @dataclass
 class DemoConfig:
     num_crops: int = 30000
+    encoder: str = "efficientnet"  # frozen ImageNet EfficientNet-Lite0, or "cnn": the small CNN trained on geography
     crop_px: int = 64              # crop side in Blue Marble pixels (~7.4 km each)
-    image_px: int = 32             # the encoder's input side (crops are area-averaged to it)
-    embed_dim: int = 128
+    image_px: Optional[int] = None  # the encoder's input side (crops area-averaged to it); default 64 / 32 (cnn)
+    embed_dim: int = 128           # cnn only: its width, epochs and auxiliary classification
     encoder_epochs: int = 12
     aux_cells: int = 512
     aux_tau_km: float = 400.0
@@ -61,16 +72,28 @@ class DemoConfig:
     diffusion_steps: int = 2500
     eval_region: int = 1500        # test crops evaluated per split (sampling is the slow part)
     eval_random: int = 1000
+    val_size: int = 500            # validation crops per split for the choices
+    knn_ks: tuple = (4, 16, 64)    # the kNN density's candidates, chosen on validation
+    knn_temperatures: tuple = (0.01, 0.03, 0.1)
     num_samples: int = 16
     baseline_steps: int = 3000
     retrieval_k: int = 8           # LocDiff-R: condition on the 8 most similar training crops; 0: plain LocDiff
     seed: int = 0
 
+    def __post_init__(self):
+        if self.encoder not in ENCODER_SETTINGS:
+            raise ValueError(f"encoder must be one of {ENCODER_SETTINGS}, got {self.encoder!r}")
+        if self.image_px is None:
+            self.image_px = 64 if self.encoder == "efficientnet" else 32
+
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls, **overrides) -> "DemoConfig":
         """The half-minute version (used by the tests)."""
-        return cls(num_crops=4000, encoder_epochs=3, diffusion_steps=300, eval_region=200, eval_random=200,
-                   num_samples=8, baseline_steps=300, L=16, widths=(256, 128))
+        kw = dict(num_crops=4000, encoder_epochs=3, diffusion_steps=300, eval_region=200, eval_random=200,
+                  val_size=150, knn_ks=(4, 16), knn_temperatures=(0.03, 0.1), num_samples=8, baseline_steps=300,
+                  L=16, widths=(256, 128))
+        kw.update(overrides)
+        return cls(**kw)
 
 
 def demo_home(out: Optional[os.PathLike] = None) -> Path:
@@ -117,15 +140,77 @@ def pretrain_encoder(data: BlueMarbleCrops, cfg: DemoConfig, progress: bool = Tr
 
 
 @torch.no_grad()
-def embed_all(enc: SmallCNNEncoder, data: BlueMarbleCrops, batch: int = 1024) -> torch.Tensor:
+def embed_all(enc: ImageEncoder, data: BlueMarbleCrops, batch: int = 512, progress: bool = False) -> torch.Tensor:
     """Embeddings of every crop, [N, D] float32 (not normalised)."""
-    return torch.cat([enc(data.tensors(slice(i, i + batch))) for i in range(0, len(data.coords), batch)])
+    n = len(data.coords)
+    with Progress(n, "embed", "crop", enabled=progress) as bar:
+        out = []
+        for i in range(0, n, batch):
+            out.append(enc(data.tensors(slice(i, i + batch))))
+            bar.update(out[-1].shape[0])
+    return torch.cat(out)
+
+
+def image_features(data: BlueMarbleCrops, cfg: DemoConfig, progress: bool = True) -> Tuple[ImageEncoder, torch.Tensor]:
+    """The frozen image encoder of the chosen setting and the embeddings of every crop."""
+    if cfg.encoder == "efficientnet":
+        from ..encoders import EfficientNetLiteEncoder
+
+        enc = EfficientNetLiteEncoder("lite0", image_size=cfg.image_px, center_crop=False)
+    else:
+        enc = pretrain_encoder(data, cfg, progress)
+    return enc, embed_all(enc, data, progress=progress)
 
 
 def _eval_subset(idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     if len(idx) <= n:
         return idx
     return np.sort(np.random.default_rng(seed + 3).choice(idx, n, replace=False))
+
+
+def selection_score(metrics: Dict[str, float]) -> float:
+    """What a choice on validation maximises: the mean % within 25, 200, 750 and 2500 km (fine and
+    coarse scales count alike)."""
+    return float(np.mean([metrics[f"acc_{t}km"] for t in (25, 200, 750, 2500)]))
+
+
+def choose_knn_density(emb: torch.Tensor, coords: torch.Tensor, train: np.ndarray, val: Dict[str, np.ndarray],
+                       cfg: DemoConfig) -> Tuple[dict, dict]:
+    """The kNN density's (k, temperature) with the best mean selection_score over the validation
+    splits: (chosen {'k', 'temperature'}, {'k=..,T=..': {split: score}})."""
+    scores, best = {}, None
+    for k in cfg.knn_ks:
+        for temp in cfg.knn_temperatures:
+            dens = KNNDensity(emb[train], coords[train], k=k, temperature=temp, L=cfg.L)
+            row = {split: selection_score(geolocation_metrics(dens.predict(emb[idx]), coords[idx]))
+                   for split, idx in val.items()}
+            scores[f"k={k}, T={temp:g}"] = row
+            mean = float(np.mean(list(row.values())))
+            if best is None or mean > best[0]:
+                best = (mean, {"k": k, "temperature": temp})
+    return best[1], scores
+
+
+def train_locdiff(emb: torch.Tensor, coords: torch.Tensor, train: np.ndarray, monitor: np.ndarray, cfg: DemoConfig,
+                  enc: ImageEncoder, run_dir: Path, progress: bool = True, **config) -> LocDiff:
+    """LocDiff trained on the ``train`` crops' embeddings and watched on the ``monitor`` (validation) crops;
+    returns the EMA weights in evaluation mode.  ``config``: LocDiffConfig fields over the demo's.  The run's
+    checkpoints (~100 MB) are scratch and deleted; its history.json stays in ``run_dir``."""
+    torch.manual_seed(cfg.seed)
+    fields = dict(cond_dim=enc.dim, L=cfg.L, widths=cfg.widths, time_dim=128, dropout=0.1, num_samples=cfg.num_samples,
+                  retrieval_k=cfg.retrieval_k)
+    model = LocDiff(LocDiffConfig(**{**fields, **config}), image_encoder=enc)
+    tcfg = TrainConfig(steps=cfg.diffusion_steps, batch_size=256, lr=1e-3, warmup_steps=min(200, cfg.diffusion_steps // 10),
+                       eval_every=max(cfg.diffusion_steps // 2, 1), eval_size=256, eval_samples=4, eval_steps=10,
+                       checkpoint_every=0, keep_last=1, seed=cfg.seed)
+    trainer = Trainer(model, EmbeddingDataset(emb[train], coords[train]), run_dir, tcfg,
+                      val_data=EmbeddingDataset(emb[monitor], coords[monitor]), progress=progress,
+                      device="cpu" if not torch.cuda.is_available() else None)
+    trainer.fit(resume=False, overwrite=True)  # a scratch run: a rerun replaces it
+    for p in run_files(run_dir):
+        if p.is_dir():
+            shutil.rmtree(p)
+    return trainer.ema.cpu().eval()
 
 
 def _textured_examples(images: np.ndarray, idx: np.ndarray, n: int, min_std: float = 12.0) -> np.ndarray:
@@ -150,40 +235,32 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     log(f"[1/4] building the Blue Marble dataset ({cfg.num_crops} land crops of {cfg.crop_px} px)")
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=cfg.seed)
     sizes = {k: len(v) for k, v in data.splits.items()}
-    log(f"      train {sizes['train']}, region hold-out test {sizes['test_region']}, random test {sizes['test_random']}")
+    log(f"      train {sizes['train']}; validation: region hold-out {sizes['val_region']}, random "
+        f"{sizes['val_random']}; test: region hold-out {sizes['test_region']}, random {sizes['test_random']}")
     timings["dataset_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    log(f"[2/4] pre-training the image encoder ({cfg.encoder_epochs} epochs)")
-    enc = pretrain_encoder(data, cfg, progress)
-    emb = embed_all(enc, data)
+    log("[2/4] image features: " + ("frozen ImageNet EfficientNet-Lite0" if cfg.encoder == "efficientnet" else
+                                    f"pre-training the small CNN on geography ({cfg.encoder_epochs} epochs)"))
+    enc, emb = image_features(data, cfg, progress)
     timings["encoder_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"[3/4] training LocDiff (L={cfg.L}, {cfg.diffusion_steps} steps) and the baselines")
     tr = data.splits["train"]
     coords = torch.from_numpy(data.coords)
-    train_set = EmbeddingDataset(emb[tr], coords[tr])
-    torch.manual_seed(cfg.seed)
-    model = LocDiff(LocDiffConfig(cond_dim=cfg.embed_dim, L=cfg.L, widths=cfg.widths, time_dim=128, dropout=0.1,
-                                  num_samples=cfg.num_samples, retrieval_k=cfg.retrieval_k),
-                    image_encoder=enc)
-    val_idx = _eval_subset(data.splits["test_random"], 256, cfg.seed)
-    tcfg = TrainConfig(steps=cfg.diffusion_steps, batch_size=256, lr=1e-3, warmup_steps=min(200, cfg.diffusion_steps // 10),
-                       eval_every=max(cfg.diffusion_steps // 2, 1), eval_size=256, eval_samples=4, eval_steps=10,
-                       checkpoint_every=0, keep_last=1, seed=cfg.seed)
-    trainer = Trainer(model, train_set, run_dir / "training", tcfg, val_data=EmbeddingDataset(emb[val_idx], coords[val_idx]),
-                      progress=progress, device="cpu" if not torch.cuda.is_available() else None)
-    trainer.fit(resume=False, overwrite=True)  # the demo's own scratch run: a rerun replaces it
-    for p in run_files(run_dir / "training"):  # its checkpoints (~100 MB) are scratch: the model is saved below
-        if p.is_dir():
-            shutil.rmtree(p)
-    locdiff = trainer.ema.cpu().eval()
+    val = {s: _eval_subset(data.splits[f"val_{s}"], cfg.val_size, cfg.seed) for s in ("region", "random")}
+    knn_choice, knn_scores = choose_knn_density(emb, coords, tr, val, cfg)
+    log(f"[3/4] chosen on validation: kNN density k={knn_choice['k']}, T={knn_choice['temperature']:g}; "
+        f"training LocDiff (L={cfg.L}, {cfg.diffusion_steps} steps) and the baselines")
+    monitor = np.concatenate([v[:128] for v in val.values()])  # training is watched on validation crops only
+    locdiff = train_locdiff(emb, coords, tr, monitor, cfg, enc, run_dir / "training", progress,
+                            retrieval_temperature=knn_choice["temperature"])
     baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
+    baselines["knn_density"] = KNNDensity(emb[tr], coords[tr], L=cfg.L, **knn_choice)
     timings["training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log("[4/4] evaluating on the region hold-out and random test sets")
+    log("[4/4] evaluating on the region hold-out and random test sets (once)")
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     paired: Dict[str, dict] = {}
     examples = {}
@@ -193,18 +270,28 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
         results[split], paired[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx],
                                                         cfg.seed, paired=True, progress=progress)
         examples[split] = idx
-    # How far to trust an answer: coverage of the 50% / 90% credible regions of LocDiff's probability maps and
-    # of the grid classifier's softmax (the methods here with a density), and a reliability plot.
+    # How far to trust an answer: the 50% / 90% credible regions of the methods with a density (LocDiff's
+    # probability maps, the kNN density, the grid classifier's softmax), each temperature-scaled with the
+    # exponent that calibrates it on the validation crops (calibration.fit_sharpness), and a reliability plot.
+    names = list(results["test_region"])
+    density_methods = {names[0]: lambda e: locdiff.predict(e, seed=cfg.seed, return_map=True, map_size=(90, 180))[2],
+                       next(n for n in names if n.startswith("kNN density")):
+                           lambda e: baselines["knn_density"].prob_map(e, 90, 180),
+                       "grid classification (1024 cells)": lambda e: baselines["grid"].prob_map(unit_rows(e.float()), 90, 180)}
+    val_all = np.concatenate(list(val.values()))
+    sharpness = {m: fit_sharpness(f(emb[val_all]), coords[val_all]) for m, f in density_methods.items()}
+    log("      calibrated on validation: " + ", ".join(f"{m.split(' (')[0]} s={v:g}" for m, v in sharpness.items()))
     levels, calibration, curves = reliability_levels(), {}, {}
-    loc_name = next(iter(results["test_region"]))
     for split, short in [("test_region", "unseen"), ("test_random", "seen")]:
         idx = examples[split]
-        _, _, maps = locdiff.predict(emb[idx], seed=cfg.seed, return_map=True, map_size=(90, 180))
-        grid_maps = baselines["grid"].prob_map(unit_rows(emb[idx].float()), 90, 180)
-        for method, m in [(loc_name, maps), ("grid classification (1024 cells)", grid_maps)]:
-            cov = coverage(m, coords[idx], levels)
-            calibration.setdefault(split, {})[method] = {p: cov[p] for p in (0.5, 0.9)}
+        for method, f in density_methods.items():
+            raw = f(emb[idx])
+            for label, m in [(f"{method}, raw", raw), (f"{method}, calibrated (s={sharpness[method]:g})",
+                                                        sharpen(raw, sharpness[method]))]:
+                cov = coverage(m, coords[idx], levels)
+                calibration.setdefault(split, {})[label] = {p: cov[p] for p in (0.5, 0.9)}
             curves[f"{method.split(' (')[0]}, {short}"] = (levels, [cov[p]["coverage"] for p in levels])
+    locdiff.config.map_sharpness = sharpness[names[0]]  # the saved model's maps are the calibrated ones
     from .mapplot import write_reliability_plot
 
     reliability_path = write_reliability_plot(run_dir / "reliability.png", curves)
@@ -225,19 +312,27 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     timings["total_s"] = time.perf_counter() - t0
 
     titles = {"test_region": "Region hold-out (unseen 10x10 degree tiles)", "test_random": "Random split (seen places)"}
-    md = []
+    features = ("frozen ImageNet EfficientNet-Lite0 features" if cfg.encoder == "efficientnet"
+                else "features of the small CNN trained on geography")
+    md = [f"Test sets, on {features} (seed {cfg.seed}); kNN density k={knn_choice['k']}, "
+          f"T={knn_choice['temperature']:g}, chosen on validation.", ""]
     for split, rows in results.items():
         md += [f"### {titles[split]}, {next(iter(rows.values()))['n']} crops", "", markdown_table(rows), "",
                "Differences in % within 200 / 750 / 2500 km, LocDiff rows minus each baseline on the same crops "
                "(95% paired bootstrap interval; an interval that contains 0 is a tie):", "",
                paired_table(paired[split]), "",
                "Calibration: share of true locations inside each method's 50% / 90% highest-density credible "
-               "region, and the regions' median area:", "", calibration_table(calibration[split]), ""]
+               "region, and the regions' median area; raw, and temperature-scaled with the exponent s fitted on "
+               "the validation crops:", "", calibration_table(calibration[split]), ""]
     (run_dir / "results.md").write_text("\n".join(md))
     (run_dir / "results.json").write_text(json.dumps({"results": results, "paired_differences": paired,
                                                        "calibration": {k: {m: {str(p): c for p, c in v.items()}
                                                                            for m, v in rows.items()}
                                                                        for k, rows in calibration.items()},
+                                                       "validation": {"knn_density_scores": knn_scores,
+                                                                      "knn_density_chosen": knn_choice,
+                                                                      "map_sharpness": sharpness,
+                                                                      "sizes": {k: len(v) for k, v in val.items()}},
                                                        "config": asdict(cfg), "sizes": sizes, "timings": timings}, indent=1))
     log("")
     log("\n".join(md))

@@ -139,21 +139,25 @@ def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0)
 
 def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
                        seed: int = 0, progress: bool = False) -> dict:
-    """{method: predictions [N, 2]} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines;
-    a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.  The two
-    LocDiff rows come first."""
+    """{method: predictions [N, 2]} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines
+    (``baselines['knn_density']``, an optional object with ``k`` and ``predict(embeddings)``, adds the kNN
+    density row); a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.
+    The two LocDiff rows come first."""
     modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed, progress=progress)
     qn = unit_rows(queries.float())
     grid = baselines["grid"]
     k = locdiff.config.retrieval_k
     name, name_h = ("LocDiff", "LocDiff-H") if k == 0 else (f"LocDiff-R (k={k})", "LocDiff-R + H")
-    return {
+    out = {
         name: modes[:, 0],
         name_h: locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km),
         "kNN retrieval (top-1)": baselines["knn"].predict(queries),
-        f"grid classification ({len(grid.cells)} cells)": grid.predict(qn),
-        "unit-vector regression": baselines["regression"].predict(qn),
     }
+    if "knn_density" in baselines:
+        out[f"kNN density (k={baselines['knn_density'].k})"] = baselines["knn_density"].predict(queries)
+    out[f"grid classification ({len(grid.cells)} cells)"] = grid.predict(qn)
+    out["unit-vector regression"] = baselines["regression"].predict(qn)
+    return out
 
 
 def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
