@@ -50,3 +50,41 @@ def test_text_benchmark_runs(tmp_path):
     assert "| LocDiff |" in proc.stdout and "| kNN retrieval (top-1) |" in proc.stdout
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["results"]["LocDiff"]["n"] == 120
+
+
+def _report(seed, acc, diff, cov):
+    metrics = {k: acc for k in ("acc_25km", "acc_200km", "acc_750km", "acc_2500km")} | {"median_km": 100.0 * seed, "n": 5}
+    split = {"LocDiff-R (k=8)": metrics, f"kNN density (k={4 + seed})": metrics}
+    pair = {f"LocDiff-R (k=8) - kNN density (k={4 + seed})": {k: (diff, diff - 1, diff + 1)
+                                                             for k in ("acc_200km", "acc_750km", "acc_2500km")}}
+    cal = {"LocDiff-R (k=8), raw": {p: {"coverage": cov, "median_area_km2": 2e6} for p in ("0.5", "0.9")}}
+    return {"config": {"seed": seed}, "results": {"test_region": split, "test_random": split},
+            "paired_differences": {"test_region": pair, "test_random": pair},
+            "calibration": {"test_region": cal, "test_random": cal},
+            "validation": {"knn_density_chosen": {"k": 4 + seed, "temperature": 0.03}}}
+
+
+def test_protocol_summary_gives_means_and_intervals_over_seeds():
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from bluemarble_protocol import mean_interval, summarise
+    finally:
+        sys.path.remove(str(RECIPES))
+    m, lo, hi = mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert m == 2.0 and abs(hi - 2.0 - 4.303 / 3 ** 0.5) < 1e-9 and abs(lo - (2.0 - 4.303 / 3 ** 0.5)) < 1e-9
+    text = summarise({"efficientnet": [_report(s, 40.0 + s, 2.0 + s, 0.8) for s in range(3)]})
+    assert "frozen ImageNet EfficientNet-Lite0 features, seeds [0, 1, 2]" in text
+    assert "| kNN density | 41.0 (38.5 .. 43.5) |" in text  # the chosen k differs per seed: one row
+    assert "| LocDiff-R (k=8) - kNN density | +3.0 (+0.5 .. +5.5) |" in text
+    assert "| LocDiff-R (k=8), raw | 80.0 (80.0 .. 80.0) | 2.00 (2.00 .. 2.00) |" in text
+    assert "k=4, T=0.03, k=5, T=0.03, k=6, T=0.03" in text
+
+
+def test_protocol_runs_and_resumes(tmp_path):
+    args = ["--quick", "--seeds", 0, 1, "--encoders", "efficientnet", "--crops", 2500, "--steps", 60, "--out", tmp_path]
+    out = _run("bluemarble_protocol.py", *args, cwd=tmp_path)
+    assert out.count("done in") == 2 and "seeds [0, 1]" in out
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### Region hold-out (unseen places)" in summary and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in summary
+    again = _run("bluemarble_protocol.py", *args, cwd=tmp_path)  # finished runs are not run again
+    assert "done in" not in again and (tmp_path / "summary.md").read_text() == summary
