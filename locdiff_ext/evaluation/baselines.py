@@ -15,6 +15,7 @@ Inputs are L2-normalised embeddings [N, D] and (lat, lon) degrees [N, 2].
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -138,12 +139,14 @@ def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0)
 
 
 def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
-                       seed: int = 0, progress: bool = False) -> dict:
+                       seed: int = 0, progress: bool = False, modes: Optional[Tensor] = None) -> dict:
     """{method: predictions [N, 2]} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines
     (``baselines['knn_density']``, an optional object with ``k`` and ``predict(embeddings)``, adds the kNN
     density row); a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.
-    The two LocDiff rows come first."""
-    modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed, progress=progress)
+    The two LocDiff rows come first.  ``modes``: LocDiff's answers [N, top_k, 2] when already computed
+    (``locdiff.predict(queries, seed=seed)``, e.g. in the same pass as its probability maps)."""
+    if modes is None:
+        modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed, progress=progress)
     qn = unit_rows(queries.float())
     grid = baselines["grid"]
     k = locdiff.config.retrieval_k
@@ -161,11 +164,12 @@ def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_co
 
 
 def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
-                    truth: Tensor, seed: int = 0, paired: bool = False, progress: bool = False):
+                    truth: Tensor, seed: int = 0, paired: bool = False, progress: bool = False,
+                    modes: Optional[Tensor] = None):
     """{method: metrics} of method_predictions against ``truth``; with ``paired``, also
     {'LocDiff row - baseline': metrics.paired_bootstrap(...)} for each LocDiff row and baseline:
     returns (metrics, differences)."""
-    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed, progress)
+    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed, progress, modes)
     metrics = {name: geolocation_metrics(p, truth) for name, p in preds.items()}
     if not paired:
         return metrics

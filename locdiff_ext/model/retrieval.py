@@ -165,7 +165,7 @@ class KNNDensity:
     @torch.no_grad()
     def predict(self, emb: Tensor, chunk: int = 1024) -> Tensor:
         """The mixture's mode per query: [N, 2] (lat, lon) float64."""
-        return torch.cat([self.aggregator(self.mixture(emb[i:i + chunk]), 1)[0][:, 0]
+        return torch.cat([self.aggregator.decoder(self.mixture(emb[i:i + chunk])[:, 0].double(), 1)[0][:, 0]
                           for i in range(0, emb.shape[0], chunk)])
 
     @torch.no_grad()
