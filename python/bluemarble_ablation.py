@@ -10,7 +10,10 @@ steps).  ``--train`` also trains models with one config field changed (``FIELD=V
 names) on the same embeddings and evaluates them the same way.  Each row gives % within 25 / 200 / 750 /
 2500 km on the validation region hold-out and random crops, and the mean of the eight (what the demo's
 choices maximise); paired differences from the first row are in brackets for the 750 / 2500 km cells
-of the region split.
+of the region split.  ``--calibration`` also compares two ways of calibrating LocDiff's maps, each
+fitted on one half of the validation crops and scored on the other half: one temperature for all (what
+the demo does) and one per group of queries split at a threshold on their best gallery similarity (a
+near-duplicate in the gallery: a seen place), the threshold chosen on the fitting half too.
 """
 
 import argparse
@@ -24,7 +27,8 @@ import torch
 from locdiff_ext import LocDiff
 from locdiff_ext.datasets.bluemarble import build_dataset
 from locdiff_ext.datasets.demo import DemoConfig, _eval_subset, embed_all, train_locdiff
-from locdiff_ext.evaluation import geolocation_metrics, paired_bootstrap
+from locdiff_ext.evaluation import coverage, fit_sharpness, geolocation_metrics, paired_bootstrap, sharpen
+from locdiff_ext.kernels.geometry import unit_rows
 
 INFERENCE = [  # (label, predict keyword arguments); the first is the saved model's default
     ("default (guidance 2, 16 samples, mean, DPM-Solver++ 10 steps)", {}),
@@ -45,10 +49,69 @@ def _value(text: str):
     return text
 
 
+def _gap(maps, truths) -> float:
+    levels = [round(0.05 * i, 2) for i in range(1, 20)]
+    cov = coverage(maps, truths, levels)
+    return float(np.mean([abs(cov[p]["coverage"] - p) for p in levels]))
+
+
+def fit_gated(maps, truths, gate) -> tuple:
+    """(threshold, s below, s at or above): the gate threshold (a quantile of ``gate``) and per-group
+    exponents whose groups' coverage gaps, weighted by group size, are smallest."""
+    best = None
+    for q in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        tau = float(np.quantile(gate, q))
+        lo, hi = gate < tau, gate >= tau
+        s_lo, s_hi = fit_sharpness(maps[lo], truths[lo]), fit_sharpness(maps[hi], truths[hi])
+        gap = (lo.sum() * _gap(sharpen(maps[lo], s_lo), truths[lo]) + hi.sum() * _gap(sharpen(maps[hi], s_hi), truths[hi]))
+        if best is None or gap < best[0]:
+            best = (gap, tau, s_lo, s_hi)
+    return best[1:]
+
+
+def apply_gated(maps, gate, rule) -> np.ndarray:
+    tau, s_lo, s_hi = rule
+    out = np.empty(maps.shape)
+    out[gate < tau] = sharpen(maps[gate < tau], s_lo)
+    out[gate >= tau] = sharpen(maps[gate >= tau], s_hi)
+    return out
+
+
+def calibration_experiment(model, q, truth, seed: int) -> list:
+    """Markdown rows: coverage at 50% / 90% on the held-back half of each validation split, for the raw maps,
+    one temperature, and the similarity-gated temperatures, both fitted on the other half."""
+    maps, gate, halves = {}, {}, {}
+    model.config.map_sharpness = 1.0  # the raw maps (a saved demo model carries the demo's calibration)
+    for split in q:
+        maps[split] = model.predict(q[split], seed=seed, return_map=True, map_size=(90, 180))[2].numpy()
+        gate[split] = model.gallery.search(unit_rows(q[split].float()), 1)[0][:, 0].numpy()
+        perm = np.random.default_rng(seed).permutation(len(maps[split]))
+        halves[split] = (perm[: len(perm) // 2], perm[len(perm) // 2:])
+    fit = {k: np.concatenate([v[halves[s][0]] for s, v in d.items()]) for k, d in
+           (("maps", maps), ("truth", {s: truth[s].numpy() for s in q}), ("gate", gate))}
+    s_one = fit_sharpness(fit["maps"], fit["truth"])
+    rule = fit_gated(fit["maps"], fit["truth"], fit["gate"])
+    rows = [f"Calibration rules fitted on half of the validation crops: one temperature s={s_one:g}; gated: "
+            f"best-neighbour similarity < {rule[0]:.3f}: s={rule[1]:g}, else s={rule[2]:g}.  Coverage of the 50% / "
+            "90% regions on the other half (median 90% area, million km^2):", "",
+            "| rule | region hold-out | random split |", "|---|---|---|"]
+    for label, f in [("raw", lambda m, g: m), ("one temperature", lambda m, g: sharpen(m, s_one)),
+                     ("gated by similarity", lambda m, g: apply_gated(m, g, rule))]:
+        cells = []
+        for split in q:
+            held = halves[split][1]
+            cov = coverage(f(maps[split][held], gate[split][held]), truth[split].numpy()[held], (0.5, 0.9))
+            cells.append(f"{100 * cov[0.5]['coverage']:.1f}% / {100 * cov[0.9]['coverage']:.1f}% "
+                         f"({cov[0.9]['median_area_km2'] / 1e6:.1f})")
+        rows.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a finished demo/protocol run directory (holds demo/results.json)")
     ap.add_argument("--train", nargs="*", default=[], help="FIELD=VALUE LocDiffConfig changes to train and evaluate")
+    ap.add_argument("--calibration", action="store_true", help="also compare calibration rules (see above)")
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
     run = Path(args.run)
@@ -104,6 +167,10 @@ def main(argv=None) -> None:
                                     **{**base, field: _value(value)})
             print(f"    trained {change} in {time.perf_counter() - t:.0f} s", flush=True)
             evaluate(f"trained with {change}", trained)
+    if args.calibration:
+        cal = calibration_experiment(model, q, {s: coords[idx] for s, idx in val.items()}, cfg.seed)
+        print("\n".join(cal), flush=True)
+        rows += [""] + cal
     text = "\n".join(head + rows)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -28,7 +28,8 @@ SIZES = [(r"--steps 20000", "--steps 20"), (r"--L 32", "--L 4"), (r"steps=20000"
 NOT_HERE = {
     "pip install": "installs: .ci/run does the README's install and test commands; `locdiff demo --quick` runs here "
                    "and in tests/datasets/test_demo.py (the full demo's tables are in the README with its date)",
-    "python python/": "needs MP16/Im2GPS3k data and CLIP weights: tests/test_recipes.py runs these recipes on a tiny CLIP",
+    "python python/": "needs MP16/Im2GPS3k data and CLIP weights, or runs for an hour (the Blue Marble protocol): "
+                      "tests/test_recipes.py runs these recipes small (a tiny CLIP, the protocol's quick config)",
     "--device cuda": "needs a GPU: tests/kernels/test_cuda.py",
 }
 

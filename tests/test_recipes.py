@@ -88,3 +88,9 @@ def test_protocol_runs_and_resumes(tmp_path):
     assert "### Region hold-out (unseen places)" in summary and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in summary
     again = _run("bluemarble_protocol.py", *args, cwd=tmp_path)  # finished runs are not run again
     assert "done in" not in again and (tmp_path / "summary.md").read_text() == summary
+    # ablations on a finished run's validation crops, with a training variant and the calibration rules
+    out = _run("bluemarble_ablation.py", "--run", tmp_path / "efficientnet_seed0", "--train", "L=8", "--calibration",
+               "--out", tmp_path / "ablation.md", cwd=tmp_path)
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| default (guidance 2" in table and "| trained with L=8 |" in table and "| gated by similarity |" in table
+    assert table.count("\n| ") >= 6 + 1 + 3 and "trained L=8 in" in out
