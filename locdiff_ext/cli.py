@@ -312,7 +312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    "the test table and the calibration of credible regions, writes map and "
                                    "reliability PNGs and saves the model that geolocate() and `locdiff predict` use "
                                    "by default.")
-    p.add_argument("--quick", action="store_true", help="the half-minute version (smaller data, fewer steps)")
+    p.add_argument("--quick", action="store_true", help="the one-minute version (smaller data, fewer steps)")
     p.add_argument("--out", help="output directory (default: $LOCDIFF_HOME, else ~/.cache/locdiff)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch and the kernels (one OpenMP runtime; default: every core)")

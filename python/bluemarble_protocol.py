@@ -14,6 +14,7 @@ and for each LocDiff row minus each baseline the mean paired difference with its
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -36,15 +37,21 @@ def mean_interval(values) -> tuple:
     return m, m - half, m + half
 
 
-def _cell(values, digits: int = 1, sign: bool = False) -> str:
+def _cell(values, digits: int = 1, sign: bool = False, percent: bool = False) -> str:
+    """'mean (low .. high)'; the interval of a quantity that cannot be negative (all but differences) is
+    clipped at 0, a percentage's at 100 too."""
     m, lo, hi = mean_interval(values)
+    if not math.isnan(lo):
+        lo = lo if sign else max(lo, 0.0)
+        hi = min(hi, 100.0) if percent else hi
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     return f.format(m) if math.isnan(lo) else f"{f.format(m)} ({f.format(lo)} .. {f.format(hi)})"
 
 
 def _generic(name: str) -> str:
-    """A method's name without its run-specific part (the kNN density's chosen k differs between seeds)."""
-    return "kNN density" if name.startswith("kNN density") else name
+    """A method's name without its run-specific parts (the kNN density's k and a calibration's exponent s are
+    chosen per seed)."""
+    return re.sub(r" \(s=[0-9.e+-]+\)", "", re.sub(r"kNN density \(k=\d+\)", "kNN density", name))
 
 
 def summarise(runs: Dict[str, List[dict]]) -> str:
@@ -62,8 +69,8 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
             n = reports[0]["results"][split][next(iter(reports[0]["results"][split]))]["n"]
             out += [f"### {title}, {n} test crops per seed", "",
                     "| method | 25 km | 200 km | 750 km | 2500 km | median km |", "|---|---:|---:|---:|---:|---:|"]
-            out += [f"| {name} | " + " | ".join(_cell(v[k], 0 if k == "median_km" else 1) for k in METRICS) + " |"
-                    for name, v in rows.items()]
+            out += [f"| {name} | " + " | ".join(_cell(v[k], 0 if k == "median_km" else 1, percent=k != "median_km")
+                                                for k in METRICS) + " |" for name, v in rows.items()]
             diffs: Dict[str, Dict[str, list]] = {}
             for r in reports:
                 for name, d in r["paired_differences"][split].items():
@@ -84,13 +91,17 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
             out += ["", "Calibration: % of true locations inside the 50% / 90% credible regions and their median "
                     "area (million km^2), mean over seeds (95% interval):", "",
                     "| method | 50%: coverage | 50%: area | 90%: coverage | 90%: area |", "|---|---:|---:|---:|---:|"]
-            out += [f"| {name} | " + " | ".join(_cell(v[k], 1 if k.startswith("cov") else 2)
+            out += [f"| {name} | " + " | ".join(_cell(v[k], 1 if k.startswith("cov") else 2, percent=k.startswith("cov"))
                                                 for k in ("cov0.5", "area0.5", "cov0.9", "area0.9")) + " |"
                     for name, v in cal.items()]
             out.append("")
         chosen = [r["validation"]["knn_density_chosen"] for r in reports]
-        out += ["kNN density chosen on validation per seed: "
-                + ", ".join(f"k={c['k']}, T={c['temperature']:g}" for c in chosen), ""]
+        out += ["Chosen on validation, per seed: kNN density " + "; ".join(f"k={c['k']}, T={c['temperature']:g}" for c in chosen)]
+        if all("map_sharpness" in r["validation"] for r in reports):
+            out[-1] += "; map temperatures s " + "; ".join(
+                ", ".join(f"{_generic(m).split(' (')[0]} {v:g}" for m, v in r["validation"]["map_sharpness"].items())
+                for r in reports)
+        out.append("")
     return "\n".join(out)
 
 

@@ -57,11 +57,14 @@ def _report(seed, acc, diff, cov):
     split = {"LocDiff-R (k=8)": metrics, f"kNN density (k={4 + seed})": metrics}
     pair = {f"LocDiff-R (k=8) - kNN density (k={4 + seed})": {k: (diff, diff - 1, diff + 1)
                                                              for k in ("acc_200km", "acc_750km", "acc_2500km")}}
-    cal = {"LocDiff-R (k=8), raw": {p: {"coverage": cov, "median_area_km2": 2e6} for p in ("0.5", "0.9")}}
+    cal = {"LocDiff-R (k=8), raw": {p: {"coverage": cov, "median_area_km2": 2e6} for p in ("0.5", "0.9")},
+           f"kNN density (k={4 + seed}), calibrated (s={1 + seed / 10:g})": {p: {"coverage": 1.0, "median_area_km2": 1e6}
+                                                                          for p in ("0.5", "0.9")}}
     return {"config": {"seed": seed}, "results": {"test_region": split, "test_random": split},
             "paired_differences": {"test_region": pair, "test_random": pair},
             "calibration": {"test_region": cal, "test_random": cal},
-            "validation": {"knn_density_chosen": {"k": 4 + seed, "temperature": 0.03}}}
+            "validation": {"knn_density_chosen": {"k": 4 + seed, "temperature": 0.03},
+                           "map_sharpness": {f"kNN density (k={4 + seed})": 1 + seed / 10}}}
 
 
 def test_protocol_summary_gives_means_and_intervals_over_seeds():
@@ -77,7 +80,9 @@ def test_protocol_summary_gives_means_and_intervals_over_seeds():
     assert "| kNN density | 41.0 (38.5 .. 43.5) |" in text  # the chosen k differs per seed: one row
     assert "| LocDiff-R (k=8) - kNN density | +3.0 (+0.5 .. +5.5) |" in text
     assert "| LocDiff-R (k=8), raw | 80.0 (80.0 .. 80.0) | 2.00 (2.00 .. 2.00) |" in text
-    assert "k=4, T=0.03, k=5, T=0.03, k=6, T=0.03" in text
+    assert "| kNN density, calibrated | 100.0 (100.0 .. 100.0) |" in text  # one row whatever each seed's k and s
+    assert "kNN density k=4, T=0.03; k=5, T=0.03; k=6, T=0.03; map temperatures s kNN density 1; kNN density 1.1" in text
+    assert "| LocDiff-R (k=8) | 41.0 (38.5 .. 43.5) |" in text
 
 
 def test_protocol_runs_and_resumes(tmp_path):

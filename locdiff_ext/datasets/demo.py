@@ -88,7 +88,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        """The half-minute version (used by the tests)."""
+        """The one-minute version (used by the tests)."""
         kw = dict(num_crops=4000, encoder_epochs=3, diffusion_steps=300, eval_region=200, eval_random=200,
                   val_size=150, knn_ks=(4, 16), knn_temperatures=(0.03, 0.1), num_samples=8, baseline_steps=300,
                   L=16, widths=(256, 128))
