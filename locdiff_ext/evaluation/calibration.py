@@ -94,11 +94,7 @@ def reliability_levels() -> Tuple[float, ...]:
 def coverage(prob_maps, truths, levels: Sequence[float] = LEVELS) -> Dict[float, Dict[str, float]]:
     """For each level p: the share of items whose true location lies in their p region ('coverage') and the
     median region area ('median_area_km2').  prob_maps [N, nlat, nlon], truths [N, 2] (lat, lon)."""
-    maps = np.asarray(prob_maps.cpu() if isinstance(prob_maps, torch.Tensor) else prob_maps, dtype=np.float64)
-    truths = np.asarray(truths.cpu() if isinstance(truths, torch.Tensor) else truths, dtype=np.float64)
-    if maps.ndim != 3 or truths.shape != (maps.shape[0], 2) or maps.shape[0] == 0:
-        raise ValueError(f"prob_maps must be [N, nlat, nlon] and truths [N, 2] with N > 0, got {maps.shape} "
-                         f"and {truths.shape}")
+    maps, truths = _as_arrays(prob_maps, truths)
     levels = [_check_level(p) for p in levels]
     hits = np.zeros((len(levels), len(maps)), dtype=bool)
     areas = np.zeros((len(levels), len(maps)))
@@ -116,18 +112,23 @@ def coverage(prob_maps, truths, levels: Sequence[float] = LEVELS) -> Dict[float,
     return out
 
 
-def _maps_and_truth_cells(prob_maps, truths) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _as_arrays(prob_maps, truths) -> Tuple[np.ndarray, np.ndarray]:
+    """Checked float64 arrays: maps [N, nlat, nlon] (not yet normalised) and truths [N, 2]."""
     maps = np.asarray(prob_maps.cpu() if isinstance(prob_maps, torch.Tensor) else prob_maps, dtype=np.float64)
     truths = np.asarray(truths.cpu() if isinstance(truths, torch.Tensor) else truths, dtype=np.float64)
     if maps.ndim != 3 or truths.shape != (maps.shape[0], 2) or maps.shape[0] == 0:
         raise ValueError(f"prob_maps must be [N, nlat, nlon] and truths [N, 2] with N > 0, got {maps.shape} "
                          f"and {truths.shape}")
+    return maps, truths
+
+
+def _densities(maps: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(maps normalised to sum 1, probability per km^2, cell areas [1, nlat, nlon]) of maps [N, nlat, nlon]."""
     if not np.isfinite(maps).all() or (maps < 0).any() or (maps.sum(axis=(1, 2)) <= 0).any():
         raise ValueError("prob_maps must hold finite, non-negative probabilities with a positive sum per map")
-    N, nlat, nlon = maps.shape
-    cells = np.array([cell_of(lat, lon, nlat, nlon) for lat, lon in truths]).reshape(N, 2)
-    density = maps / np.repeat(cell_areas_km2(nlat, nlon), nlon).reshape(1, nlat, nlon)
-    return maps / maps.sum(axis=(1, 2), keepdims=True), density, cells[:, 0] * nlon + cells[:, 1]
+    maps = maps / maps.sum(axis=(1, 2), keepdims=True)
+    area = np.repeat(cell_areas_km2(*maps.shape[1:]), maps.shape[2]).reshape(1, *maps.shape[1:])
+    return maps, maps / area, area
 
 
 def sharpen(prob_maps, s: float) -> np.ndarray:
@@ -135,20 +136,22 @@ def sharpen(prob_maps, s: float) -> np.ndarray:
     (> 1 sharpens, < 1 flattens), times the cell's area, renormalised.  The order of the cells by density,
     hence the shape of every credible region, is unchanged; only how many cells each level takes."""
     s = check_float(s, "s", 0.0, 100.0, lo_open=True)
-    maps, density, _ = _maps_and_truth_cells(prob_maps, np.zeros((len(prob_maps), 2)))
-    N, nlat, nlon = maps.shape
-    d = density / density.reshape(N, -1).max(axis=1)[:, None, None]  # in [0, 1]: no overflow for large s
-    out = d ** s * np.repeat(cell_areas_km2(nlat, nlon), nlon).reshape(1, nlat, nlon)
+    maps, _ = _as_arrays(prob_maps, np.zeros((len(prob_maps), 2)))
+    maps, density, area = _densities(maps)
+    d = density / density.reshape(len(maps), -1).max(axis=1)[:, None, None]  # in [0, 1]: no overflow for large s
+    out = d ** s * area
     return out / out.sum(axis=(1, 2), keepdims=True)
 
 
 def truth_mass(prob_maps, truths) -> np.ndarray:
     """Per item, the probability held by the cells of higher density than the true location's cell [N]: the
     truth lies in the p region when this is below p, so a calibrated method's values are uniform on [0, 1]."""
-    maps, density, cell = _maps_and_truth_cells(prob_maps, truths)
-    flat_d, flat_m = density.reshape(len(maps), -1), maps.reshape(len(maps), -1)
-    at_truth = flat_d[np.arange(len(maps)), cell]
-    return (flat_m * (flat_d > at_truth[:, None])).sum(axis=1)
+    maps, truths = _as_arrays(prob_maps, truths)
+    maps, density, _ = _densities(maps)
+    N, nlat, nlon = maps.shape
+    cell = np.array([np.ravel_multi_index(cell_of(lat, lon, nlat, nlon), (nlat, nlon)) for lat, lon in truths])
+    flat_d, flat_m = density.reshape(N, -1), maps.reshape(N, -1)
+    return (flat_m * (flat_d > flat_d[np.arange(N), cell][:, None])).sum(axis=1)
 
 
 def fit_sharpness(prob_maps, truths, levels: Sequence[float] = None, candidates: Sequence[float] = None) -> float:
