@@ -26,7 +26,7 @@ import torch
 
 from locdiff_ext import LocDiff
 from locdiff_ext.datasets.bluemarble import build_dataset
-from locdiff_ext.datasets.demo import DemoConfig, _eval_subset, embed_all, train_locdiff
+from locdiff_ext.datasets.demo import DemoConfig, embed_all, train_locdiff, validation_sets
 from locdiff_ext.evaluation import coverage, fit_sharpness, geolocation_metrics, paired_bootstrap, sharpen
 from locdiff_ext.kernels.geometry import unit_rows
 
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     model = LocDiff.from_pretrained(run / "demo-model")
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=cfg.seed)
     coords = torch.from_numpy(data.coords)
-    val = {s: _eval_subset(data.splits[f"val_{s}"], cfg.val_size, cfg.seed) for s in ("region", "random")}
+    val, monitor = validation_sets(data, cfg)
     every = np.concatenate(list(val.values()))
     with torch.no_grad():
         emb_val = torch.cat([model.image_encoder(data.tensors(every[i:i + 512])) for i in range(0, len(every), 512)])
@@ -157,7 +157,6 @@ def main(argv=None) -> None:
         evaluate(label, model, **kw)
     if args.train:
         emb = embed_all(model.image_encoder, data)
-        monitor = np.concatenate([v[:128] for v in val.values()])
         base = {"retrieval_temperature": model.config.retrieval_temperature}
         for change in args.train:
             field, _, value = change.partition("=")

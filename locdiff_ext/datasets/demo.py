@@ -168,6 +168,13 @@ def _eval_subset(idx: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed + 3).choice(idx, n, replace=False))
 
 
+def validation_sets(data: BlueMarbleCrops, cfg: DemoConfig) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """({'region', 'random'}: the validation crops the choices are made on, cfg.val_size of each), and the
+    crops that monitor training (the first 128 of each)."""
+    val = {s: _eval_subset(data.splits[f"val_{s}"], cfg.val_size, cfg.seed) for s in ("region", "random")}
+    return val, np.concatenate([v[:128] for v in val.values()])
+
+
 def selection_score(metrics: Dict[str, float]) -> float:
     """What a choice on validation maximises: the mean % within 25, 200, 750 and 2500 km (fine and
     coarse scales count alike)."""
@@ -248,11 +255,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     t = time.perf_counter()
     tr = data.splits["train"]
     coords = torch.from_numpy(data.coords)
-    val = {s: _eval_subset(data.splits[f"val_{s}"], cfg.val_size, cfg.seed) for s in ("region", "random")}
+    val, monitor = validation_sets(data, cfg)  # training is watched on validation crops only
     knn_choice, knn_scores = choose_knn_density(emb, coords, tr, val, cfg)
     log(f"[3/4] chosen on validation: kNN density k={knn_choice['k']}, T={knn_choice['temperature']:g}; "
         f"training LocDiff (L={cfg.L}, {cfg.diffusion_steps} steps) and the baselines")
-    monitor = np.concatenate([v[:128] for v in val.values()])  # training is watched on validation crops only
     locdiff = train_locdiff(emb, coords, tr, monitor, cfg, enc, run_dir / "training", progress,
                             retrieval_temperature=knn_choice["temperature"])
     baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
