@@ -104,10 +104,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("sh_basis", [](uintptr_t coords, uintptr_t out, int64_t n, int L, uintptr_t weights, int dtype,
                        int device, uintptr_t stream) {
     check_dtype(dtype);
+    int bad = 0;  // the CPU kernel checks the coordinates as it reads them (kBad* bits)
     LOCDIFF_DISPATCH(dtype, device,
-        locdiff::cpu::sh_basis<T>(ptr<T>(coords), ptr<T>(out), n, L, ptr<T>(weights)),
+        bad = locdiff::cpu::sh_basis<T>(ptr<T>(coords), ptr<T>(out), n, L, ptr<T>(weights)),
         locdiff::cuda::sh_basis<T>(ptr<T>(coords), ptr<T>(out), n, L, ptr<T>(weights), (void*)stream));
-  });
+    return bad;
+  }, "CPU: returns bits 1 (a non-finite coordinate), 2 (|lat| > 90); 0 on CUDA, whose caller checks first");
 
   m.def("sh_basis_backward", [](uintptr_t coords, uintptr_t grad_out, uintptr_t grad_coords, int64_t n,
                                 int L, uintptr_t weights, int dtype, int device, uintptr_t stream) {

@@ -16,9 +16,14 @@ struct DecodeOptions {
   double min_separation = 0;  // radians between returned modes; <= 0 -> pi / (L + 1)
 };
 
+// Bits of the CPU sh_basis result: coordinates it refused (their rows are left unspecified).
+constexpr int kBadNonFinite = 1;  // a NaN or infinite lat or lon
+constexpr int kBadLatitude = 2;   // |lat| > 90
+
 namespace cpu {
+// Checks the coordinates in the same pass (returns kBad* bits, 0 when all are valid).
 template <typename T>
-void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights);
+int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights);
 template <typename T>
 void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64_t n, int L,
                        const T* weights);

@@ -4,10 +4,15 @@
 // OMP_WAIT_POLICY=passive: libgomp's spin-waiting, which a library cannot switch off; BENCHMARKS.md 1e.)
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -124,47 +129,185 @@ inline double ring_theta(int j, int nlat) { return (j + 0.5) * kPi / nlat; }
 
 }  // namespace
 
-// One point's harmonics, degree by degree.  The recurrence step for degree l and the write of the
-// output row l (contiguous columns l*l .. l*l+2l) share one loop over m, so each Pbar_lm is used
-// while still in a register.  Rows r1 (degree l-1) and r2 (degree l-2) hold L+2 entries and are
-// zero just past their last order, which is all the recurrence reads: no clearing per point.
-template <typename T>
-inline void basis_point(const SHTables& t, int L, double x, double u, const double* c, const double* s,
-                        const double* w, double* r0, double* r1, double* r2, T* o) {
-  r2[0] = 0.0;
-  r1[0] = kY00;
-  r1[1] = 0.0;
-  o[0] = (T)(kY00 * w[0]);
+namespace {
+
+// Harmonics of W points at once, one point per SIMD lane ("lanes" of lane_fft.h), degree by degree:
+// tile[l*l + l + m] holds Y_lm w_l of the W points.  Vectorising across points keeps every vector
+// full at any L (a loop over m is only l long: 1-20 at the degrees most used), and the recurrence
+// coefficients a_lm, b_lm are scalars shared by the lanes.  Rows r1 (degree l-1) and r2 (degree l-2)
+// are zero just past their last order, which is all the recurrence reads: no clearing per block.
+using lanes::vd;
+constexpr int PW = lanes::W;
+
+inline void basis_lanes(const SHTables& t, int L, const vd& x, const vd& u, const vd* c, const vd* s,
+                        const double* w, vd* r0, vd* r1, vd* r2, vd* tile) {
+  const vd zero = {};
+  r2[0] = zero;
+  r1[0] = zero + kY00;
+  r1[1] = zero;
+  tile[0] = zero + kY00 * w[0];
   for (int l = 1; l <= L; ++l) {
     const double* a = t.a + tri(l, 0);
     const double* b = t.b + tri(l, 0);
     const double wl = w[l];
-    T* ol = o + (int64_t)l * l + l;
-    const double v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
+    vd* ol = tile + (int64_t)l * l + l;
+    const vd v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
     r0[0] = v0;
-    ol[0] = (T)(v0 * wl);
-#pragma omp simd
+    ol[0] = v0 * wl;
     for (int m = 1; m < l; ++m) {
-      const double v = a[m] * (x * r1[m] - b[m] * r2[m]);
+      const vd v = a[m] * (x * r1[m] - b[m] * r2[m]);
       r0[m] = v;
-      const double vw = v * wl;
-      ol[m] = (T)(vw * c[m]);
-      ol[-m] = (T)(vw * s[m]);
+      const vd vw = v * wl;
+      ol[m] = vw * c[m];
+      ol[-m] = vw * s[m];
     }
-    const double vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
+    const vd vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
     r0[l] = vs;
-    r0[l + 1] = 0.0;
-    ol[l] = (T)(vs * wl * c[l]);
-    ol[-l] = (T)(vs * wl * s[l]);
-    double* tmp = r2;
+    r0[l + 1] = zero;
+    const vd vsw = vs * wl;
+    ol[l] = vsw * c[l];
+    ol[-l] = vsw * s[l];
+    vd* tmp = r2;
     r2 = r1;
     r1 = r0;
     r0 = tmp;
   }
 }
 
+constexpr double inv_factorial(int n) {
+  double f = 1.0;
+  for (int i = 2; i <= n; ++i) f *= i;
+  return 1.0 / f;
+}
+
+// sin and cos of W angles with |a| <= 4 (the kernel's colatitudes and wrapped longitudes, radians), to
+// about 1 ulp, all lanes at once: a Cody-Waite reduction by pi/2 (pi/2 split in a 33-bit head, so
+// k * head is exact, and a tail) to |r| <= pi/4, then Taylor polynomials whose truncation (r^19 / 19!,
+// r^20 / 20!) is below 1e-19.  Eight scalar libm calls per block of points cost as much as the
+// recurrence itself at L = 10.
+inline void sincos_lanes(const vd& a, vd* sin_a, vd* cos_a) {
+  typedef long long vl __attribute__((vector_size(8 * PW)));
+  constexpr double kTwoOverPi = 0.63661977236758134308;
+  constexpr double kPio2Hi = 1.57079632673412561417e+00;  // first 33 bits of pi/2
+  constexpr double kPio2Lo = 6.07710050650619224932e-11;  // pi/2 - kPio2Hi
+  vd k;
+  for (int p = 0; p < PW; ++p) k[p] = std::nearbyint(a[p] * kTwoOverPi);
+  const vd r = (a - k * kPio2Hi) - k * kPio2Lo;
+  const vd r2 = r * r;
+  vd ps = r2 * inv_factorial(17) - inv_factorial(15);
+  ps = ps * r2 + inv_factorial(13);
+  ps = ps * r2 - inv_factorial(11);
+  ps = ps * r2 + inv_factorial(9);
+  ps = ps * r2 - inv_factorial(7);
+  ps = ps * r2 + inv_factorial(5);
+  ps = ps * r2 - inv_factorial(3);
+  const vd sr = r + r * r2 * ps;
+  vd pc = r2 * inv_factorial(18) - inv_factorial(16);
+  pc = pc * r2 + inv_factorial(14);
+  pc = pc * r2 - inv_factorial(12);
+  pc = pc * r2 + inv_factorial(10);
+  pc = pc * r2 - inv_factorial(8);
+  pc = pc * r2 + inv_factorial(6);
+  pc = pc * r2 - inv_factorial(4);
+  pc = pc * r2 + inv_factorial(2);
+  const vd cr = 1.0 - r2 * pc;
+  // quadrant q = k mod 4: (sin, cos) = (sr, cr), (cr, -sr), (-sr, -cr), (-cr, sr)
+  const vl q = __builtin_convertvector(k, vl);
+  const vl odd = (q & 1) != 0;
+  const vd s = odd ? cr : sr, c = odd ? sr : cr;
+  *sin_a = ((q & 2) != 0) ? -s : s;
+  *cos_a = (((q + 1) & 2) != 0) ? -c : c;
+}
+
+// sqrt(2) cos(m phi), sqrt(2) sin(m phi) of W longitudes, m = 0..L, by complex rotation from
+// cos(phi), sin(phi) (as trig_table, re-anchored every 64 orders).
+inline void trig_lanes(const vd& phi, const vd& c1, const vd& s1, int L, vd* c, vd* s) {
+  const vd zero = {};
+  vd cm = zero + 1.0, sm = zero;
+  c[0] = cm;
+  s[0] = zero;
+  for (int m = 1; m <= L; ++m) {
+    const vd cn = cm * c1 - sm * s1;
+    const vd sn = sm * c1 + cm * s1;
+    cm = cn;
+    sm = sn;
+    if ((m & 63) == 0)
+      for (int p = 0; p < PW; ++p) {
+        cm[p] = std::cos(m * phi[p]);
+        sm[p] = std::sin(m * phi[p]);
+      }
+    c[m] = kSqrt2 * cm;
+    s[m] = kSqrt2 * sm;
+  }
+}
+
+// rows[p * K + k] = tile[k][p] for the first npts points: the lanes-to-rows transpose, 8 x 8 blocks
+// in registers where AVX-512 is available.
 template <typename T>
-void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
+inline void transpose_rows(const vd* tile, int64_t K, int npts, T* rows) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  static_assert(PW == 8, "the AVX-512 transpose moves 8 x 8 doubles");
+  if (npts == PW) {
+    for (; k + 8 <= K; k += 8) {
+      __m512d r[8], t[8], v[4], o[8];
+      for (int q = 0; q < 8; ++q) r[q] = _mm512_loadu_pd(reinterpret_cast<const double*>(tile + k + q));
+      for (int q = 0; q < 8; q += 2) {
+        t[q] = _mm512_unpacklo_pd(r[q], r[q + 1]);
+        t[q + 1] = _mm512_unpackhi_pd(r[q], r[q + 1]);
+      }
+      for (int h = 0; h < 2; ++h) {  // h = 0: points 0, 2, 4, 6; h = 1: points 1, 3, 5, 7
+        v[0] = _mm512_shuffle_f64x2(t[h], t[h + 2], 0x88);
+        v[1] = _mm512_shuffle_f64x2(t[h], t[h + 2], 0xDD);
+        v[2] = _mm512_shuffle_f64x2(t[h + 4], t[h + 6], 0x88);
+        v[3] = _mm512_shuffle_f64x2(t[h + 4], t[h + 6], 0xDD);
+        o[h] = _mm512_shuffle_f64x2(v[0], v[2], 0x88);
+        o[h + 4] = _mm512_shuffle_f64x2(v[0], v[2], 0xDD);
+        o[h + 2] = _mm512_shuffle_f64x2(v[1], v[3], 0x88);
+        o[h + 6] = _mm512_shuffle_f64x2(v[1], v[3], 0xDD);
+      }
+      for (int p = 0; p < 8; ++p) {
+        if constexpr (std::is_same<T, double>::value)
+          _mm512_storeu_pd(rows + p * K + k, o[p]);
+        else
+          _mm256_storeu_ps(rows + p * K + k, _mm512_cvtpd_ps(o[p]));
+      }
+    }
+  }
+#endif
+  for (; k < K; ++k)
+    for (int p = 0; p < npts; ++p) rows[p * K + k] = (T)tile[k][p];
+}
+
+// Copies a block of finished output rows to its place.  Whole 64-byte lines go out as streaming
+// (non-temporal) stores: the output is far larger than the caches and is not read back here, so
+// the lines need not be fetched before they are overwritten (a plain store reads each line first,
+// about half the memory traffic of a large output).  Partial lines at the ends use plain stores.
+template <typename T>
+inline void write_out(const T* src, T* dst, int64_t count) {
+#if defined(__AVX512F__)
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t head = std::min<int64_t>(count, (int64_t)((64 - ((uintptr_t)dst & 63)) & 63) / (int64_t)sizeof(T));
+  if (((uintptr_t)dst & (sizeof(T) - 1)) == 0) {
+    std::memcpy(dst, src, head * sizeof(T));
+    int64_t i = head;
+    for (; i + line <= count; i += line) {
+      if constexpr (std::is_same<T, double>::value)
+        _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
+      else
+        _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    }
+    std::memcpy(dst + i, src + i, (count - i) * sizeof(T));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, count * sizeof(T));
+}
+
+}  // namespace
+
+template <typename T>
+int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   const auto tables = host_tables(L);
   const SHTables t = tables->view();
   const int64_t K = (int64_t)(L + 1) * (L + 1);
@@ -172,26 +315,49 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   if (weights)
     for (int l = 0; l <= L; ++l) w[l] = (double)weights[l];
   advise_huge_pages(out, (size_t)n * K * sizeof(T));
+  const int64_t nblocks = (n + PW - 1) / PW;
   RegionErrors errs;
-#pragma omp parallel
+  int bad = 0;
+#pragma omp parallel reduction(| : bad)
   {
-    std::vector<double> c, s, rows;
+    std::vector<vd> c, s, rows, tile;
+    std::vector<T> block;
     errs.guard([&] {
       c.resize(L + 1);
       s.resize(L + 1);
       rows.resize(3 * (size_t)(L + 2));
+      tile.resize(K);
+      block.resize(PW * K);
     });
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t i = 0; i < n; ++i) {
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
       if (errs.failed()) continue;
-      double theta, phi;
-      latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
-      trig_table(phi, L, c.data(), s.data());
-      basis_point(t, L, std::cos(theta), std::sin(theta), c.data(), s.data(), w.data(), rows.data(),
-                  rows.data() + (L + 2), rows.data() + 2 * (L + 2), out + i * K);
+      const int64_t i0 = blk * PW;
+      const int npts = (int)std::min<int64_t>(PW, n - i0);
+      vd theta, phi, x, u, c1, s1;
+      for (int p = 0; p < PW; ++p) {  // a short last block repeats its last point
+        const int64_t i = i0 + std::min(p, npts - 1);
+        double lat = (double)coords[2 * i], lon = (double)coords[2 * i + 1];
+        if (!(std::isfinite(lat) && std::isfinite(lon) && std::fabs(lat) <= 90.0)) {
+          bad |= (std::isfinite(lat) && std::isfinite(lon)) ? kBadLatitude : kBadNonFinite;
+          lat = lon = 0.0;  // computed as a valid point; the caller refuses the call
+        }
+        latlon_to_angles(lat, lon, &theta[p], &phi[p]);
+      }
+      sincos_lanes(theta, &u, &x);
+      sincos_lanes(phi, &s1, &c1);
+      trig_lanes(phi, c1, s1, L, c.data(), s.data());
+      basis_lanes(t, L, x, u, c.data(), s.data(), w.data(), rows.data(), rows.data() + (L + 2),
+                  rows.data() + 2 * (L + 2), tile.data());
+      transpose_rows(tile.data(), K, npts, block.data());
+      write_out(block.data(), out + i0 * K, npts * K);
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // streaming stores are visible to other threads once the region ends
+#endif
   }
   errs.rethrow();
+  return bad;
 }
 
 template <typename T>
@@ -564,7 +730,7 @@ void debug_eval(const double* coeffs, int L, double theta, double phi, int metho
 }
 
 #define LOCDIFF_INSTANTIATE(T)                                                                \
-  template void sh_basis<T>(const T*, T*, int64_t, int, const T*);                          \
+  template int sh_basis<T>(const T*, T*, int64_t, int, const T*);                          \
   template void sh_basis_backward<T>(const T*, const T*, T*, int64_t, int, const T*);       \
   template void sh_synthesis<T>(const T*, T*, int64_t, int, int, int);                      \
   template void sh_synthesis_backward<T>(const T*, T*, int64_t, int, int, int);             \

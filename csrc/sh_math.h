@@ -70,12 +70,12 @@ inline void fill_tables(int L, double* a, double* b, double* e, double* sect, do
   }
 }
 
-// Wrap a longitude in degrees to [-180, 180).
+// Wrap a longitude in degrees to [-180, 180), exactly: fmod is exact, and r -/+ 360 for |r| in
+// [180, 360) is exact too (Sterbenz); lon + 180 first would round a huge or tiny lon.
 LD_HD double wrap_lon_deg(double lon) {
-  double w = fmod(lon + 180.0, 360.0);
-  if (w < 0) w += 360.0;
-  double r = w - 180.0;
+  double r = fmod(lon, 360.0);
   if (r >= 180.0) r -= 360.0;
+  else if (r < -180.0) r += 360.0;
   return r;
 }
 

@@ -7,7 +7,7 @@
 python/bluemarble_protocol.py): its dataset is rebuilt from its config and its saved model is evaluated
 with inference settings changed one at a time (guidance, samples, aggregation of samples, sampler
 steps).  ``--train`` also trains models with one config field changed (``FIELD=VALUE``, LocDiffConfig
-names) on the same embeddings and evaluates them the same way.  Each row gives % within 25 / 200 / 750 /
+names; ``FIELD=VALUE,FIELD=VALUE`` changes several in one model) on the same embeddings and evaluates them the same way.  Each row gives % within 25 / 200 / 750 /
 2500 km on the validation region hold-out and random crops, and the mean of the eight (what the demo's
 choices maximise); paired differences from the first row are in brackets for the 750 / 2500 km cells
 of the region split.  ``--calibration`` also compares two ways of calibrating LocDiff's maps, each
@@ -110,7 +110,8 @@ def calibration_experiment(model, q, truth, seed: int) -> list:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a finished demo/protocol run directory (holds demo/results.json)")
-    ap.add_argument("--train", nargs="*", default=[], help="FIELD=VALUE LocDiffConfig changes to train and evaluate")
+    ap.add_argument("--train", nargs="*", default=[],
+                    help="LocDiffConfig changes to train and evaluate, one model each: FIELD=VALUE[,FIELD=VALUE...]")
     ap.add_argument("--calibration", action="store_true", help="also compare calibration rules (see above)")
     ap.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
@@ -159,11 +160,11 @@ def main(argv=None) -> None:
         emb = embed_all(model.image_encoder, data)
         base = {"retrieval_temperature": model.config.retrieval_temperature}
         for change in args.train:
-            field, _, value = change.partition("=")
+            fields = dict(item.partition("=")[::2] for item in change.split(","))
             t = time.perf_counter()
             trained = train_locdiff(emb, coords, data.splits["train"], monitor, cfg, model.image_encoder,
-                                    run / "ablation" / change.replace("=", "_"), progress=False,
-                                    **{**base, field: _value(value)})
+                                    run / "ablation" / change.replace("=", "_").replace(",", "+"), progress=False,
+                                    **{**base, **{f: _value(v) for f, v in fields.items()}})
             print(f"    trained {change} in {time.perf_counter() - t:.0f} s", flush=True)
             evaluate(f"trained with {change}", trained)
     if args.calibration:

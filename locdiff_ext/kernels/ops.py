@@ -72,13 +72,23 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+_BAD_NONFINITE, _BAD_LATITUDE = 1, 2  # bits of the CPU sh_basis kernel's result (csrc/kernels.h)
+
+
+def _raise_bad_coords(bad: int) -> None:
+    if bad & _BAD_NONFINITE:
+        raise ValueError("coords contains NaN or infinite values")
+    if bad & _BAD_LATITUDE:
+        raise ValueError("coords: latitude (coords[..., 0]) must lie in [-90, 90] degrees")
+
+
 def _check_coord_values(coords: Tensor) -> None:
     if coords.numel() == 0:
         return
     if not bool(torch.isfinite(coords).all()):
-        raise ValueError("coords contains NaN or infinite values")
+        _raise_bad_coords(_BAD_NONFINITE)
     if bool((coords[:, 0].abs() > 90.0).any()):
-        raise ValueError("coords: latitude (coords[..., 0]) must lie in [-90, 90] degrees")
+        _raise_bad_coords(_BAD_LATITUDE)
 
 
 def _check_finite(x: Tensor, name: str) -> None:
@@ -114,15 +124,17 @@ def _decode_bytes(B: int, L: int, top_k: int, nlat: int, nlon: int, candidates: 
 
 
 def _basis_impl(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
-    _check_coord_values(coords)
+    cpu = coords.device.type == "cpu"
+    if not cpu:  # the CPU kernel checks the coordinates in its own pass over them
+        _check_coord_values(coords)
     if weights is not None:
         _check_finite(weights, "weights")
     n, K = coords.shape[0], num_coeffs(L)
     check_fits(n * K * coords.element_size(), coords.device, "coords/L")
     out = coords.new_empty((n, K))
     if n:
-        _C.sh_basis(_ptr(coords), _ptr(out), n, L, _ptr(weights), _DTYPE_CODE[coords.dtype],
-                    _device_index(coords), _stream(coords))
+        _raise_bad_coords(_C.sh_basis(_ptr(coords), _ptr(out), n, L, _ptr(weights), _DTYPE_CODE[coords.dtype],
+                                      _device_index(coords), _stream(coords)))
     return out
 
 
@@ -364,10 +376,8 @@ def _prep_coords(coords) -> Tuple[Tensor, Tuple[int, ...]]:
     if coords.dim() < 1 or coords.shape[-1] != 2:
         raise ValueError(f"coords must have shape [..., 2] (lat, lon in degrees), got {tuple(coords.shape)}")
     lead = tuple(coords.shape[:-1])
-    flat = coords.reshape(-1, 2)
-    # fmod is exact: |lon| of 1e20 wraps to the right angle here, where the kernel's lon * pi/180 would lose it
-    flat = torch.stack([flat[:, 0], torch.fmod(flat[:, 1], 360.0)], 1) if flat.shape[0] else flat
-    return flat.contiguous(), lead
+    # no copy for a contiguous input; the kernels wrap longitudes exactly (fmod first: |lon| of 1e20 keeps its angle)
+    return coords.reshape(-1, 2).contiguous(), lead
 
 
 def sh_basis(coords: Tensor, L: int) -> Tensor:

@@ -150,3 +150,39 @@ def test_gradient_at_the_pole_is_finite():
     c = torch.tensor([[90.0, 10.0], [-90.0, -40.0]], dtype=torch.float64, requires_grad=True)
     ld.sh_basis(c, 30).sum().backward()
     assert torch.isfinite(c.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_basis_any_batch_size_and_quadrant_boundaries(dtype):
+    """The CPU kernel works on 8 points at a time (one per SIMD lane, with its own sin/cos): every batch
+    size, a short last block, and angles on the boundaries of its sin/cos argument reduction
+    (multiples of 45 degrees in colatitude and longitude) match the float64 reference."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    edges = torch.tensor([[lat, lon] for lat in (-90.0, -45.0, 0.0, 45.0, 90.0)
+                          for lon in (-180.0, -135.0, -90.0, -45.0, 0.0, 45.0, 135.0, 179.999999, 180.0)],
+                         dtype=torch.float64)
+    for n in [1, 7, 8, 9, 17, 64, 1001]:
+        c = torch.cat([edges, random_coords(n, seed=n)])[:n].to(dtype)
+        for L in (0, 3, 10, 20):
+            Y = ld.sh_basis(c, L)
+            assert Y.shape == (n, (L + 1) ** 2)
+            assert (Y.double() - sh_basis_ref(c.double(), L)).abs().max().item() <= tol, (n, L)
+
+
+def test_basis_checks_coordinates_anywhere_in_a_large_batch():
+    """The CPU kernel checks coordinates in its own pass: a bad one deep in a batch is refused with the
+    same message as a small batch, a non-finite value first; huge longitudes keep their exact angle."""
+    c = random_coords(10_000, seed=9, extras=False)
+    for i, value, match in [(5_000, float("nan"), "NaN"), (9_999, 90.000001, "latitude"), (3, -1e300, "latitude")]:
+        bad = c.clone()
+        bad[i, 0] = value
+        with pytest.raises(ValueError, match=match):
+            ld.sh_basis(bad, 8)
+    bad = c.clone()
+    bad[10, 0], bad[20, 1] = 95.0, float("-inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ld.sh_basis(bad, 8)
+    far = torch.tensor([[10.0, 1e20], [10.0, -1e20], [10.0, 1e-300], [10.0, -1e-300]], dtype=torch.float64)
+    near = torch.tensor([[10.0, math.fmod(1e20, 360.0)], [10.0, -math.fmod(1e20, 360.0)], [10.0, 0.0], [10.0, 0.0]],
+                        dtype=torch.float64)
+    assert (ld.sh_basis(far, 12) - ld.sh_basis(near, 12)).abs().max().item() < 1e-14
