@@ -1,7 +1,6 @@
-// CPU kernels: OpenMP over points (or rows), loops over m vectorised by the compiler.
-// Loops are scheduled dynamically in chunks, so that a thread that loses its core to another process
-// holds up only its current chunk.  (Under such a load the calls still slow ~3x, against ~1.7x with
-// OMP_WAIT_POLICY=passive: libgomp's spin-waiting, which a library cannot switch off; BENCHMARKS.md 1e.)
+// CPU kernels: the library's thread pool over points (or rows) (parallel.h), loops over lanes or m
+// vectorised.  Loops are scheduled dynamically in chunks, so that a thread that loses its core to
+// another process holds up only its current chunk.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,9 +11,6 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
-#ifdef _OPENMP
-#include <omp.h>
 #endif
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -29,13 +25,7 @@
 namespace locdiff {
 namespace cpu {
 
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+int max_threads() { return locdiff::max_threads(); }
 
 namespace {
 
@@ -306,6 +296,55 @@ inline void write_out(const T* src, T* dst, int64_t count) {
 
 }  // namespace
 
+namespace {
+
+// One point's harmonics, degree by degree (the path above kLaneMaxL).  The recurrence step for degree l and the write of the
+// output row l (contiguous columns l*l .. l*l+2l) share one loop over m, so each Pbar_lm is used
+// while still in a register.  Rows r1 (degree l-1) and r2 (degree l-2) hold L+2 entries and are
+// zero just past their last order, which is all the recurrence reads: no clearing per point.
+template <typename T>
+inline void basis_point(const SHTables& t, int L, double x, double u, const double* c, const double* s,
+                        const double* w, double* r0, double* r1, double* r2, T* o) {
+  r2[0] = 0.0;
+  r1[0] = kY00;
+  r1[1] = 0.0;
+  o[0] = (T)(kY00 * w[0]);
+  for (int l = 1; l <= L; ++l) {
+    const double* a = t.a + tri(l, 0);
+    const double* b = t.b + tri(l, 0);
+    const double wl = w[l];
+    T* ol = o + (int64_t)l * l + l;
+    const double v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
+    r0[0] = v0;
+    ol[0] = (T)(v0 * wl);
+#pragma omp simd
+    for (int m = 1; m < l; ++m) {
+      const double v = a[m] * (x * r1[m] - b[m] * r2[m]);
+      r0[m] = v;
+      const double vw = v * wl;
+      ol[m] = (T)(vw * c[m]);
+      ol[-m] = (T)(vw * s[m]);
+    }
+    const double vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
+    r0[l] = vs;
+    r0[l + 1] = 0.0;
+    ol[l] = (T)(vs * wl * c[l]);
+    ol[-l] = (T)(vs * wl * s[l]);
+    double* tmp = r2;
+    r2 = r1;
+    r1 = r0;
+    r0 = tmp;
+  }
+}
+
+
+// Up to this degree the lanes path; above it the tile of the lanes path (64 K bytes per block of 8
+// points: 166 KB at L = 50) outgrows the caches and one point at a time (one row of 8 K bytes, its
+// loop over m long enough to vectorise) was faster (BENCHMARKS.md 1f).
+constexpr int kLaneMaxL = 32;
+
+}  // namespace
+
 template <typename T>
 int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   const auto tables = host_tables(L);
@@ -317,21 +356,29 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   advise_huge_pages(out, (size_t)n * K * sizeof(T));
   const int64_t nblocks = (n + PW - 1) / PW;
   RegionErrors errs;
-  int bad = 0;
-#pragma omp parallel reduction(| : bad)
-  {
+  std::atomic<int> bad_any{0};
+  DynamicLoop loop(nblocks, 8);
+  parallel_region([&] {
+    const bool lanes = L <= kLaneMaxL;
     std::vector<vd> c, s, rows, tile;
     std::vector<T> block;
+    std::vector<double> c1d, s1d, rows1;
     errs.guard([&] {
-      c.resize(L + 1);
-      s.resize(L + 1);
-      rows.resize(3 * (size_t)(L + 2));
-      tile.resize(K);
-      block.resize(PW * K);
+      if (lanes) {
+        c.resize(L + 1);
+        s.resize(L + 1);
+        rows.resize(3 * (size_t)(L + 2));
+        tile.resize(K);
+        block.resize(PW * K);
+      } else {
+        c1d.resize(L + 1);
+        s1d.resize(L + 1);
+        rows1.resize(3 * (size_t)(L + 2));
+      }
     });
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      if (errs.failed()) continue;
+    int bad = 0;
+    loop.run([&](int64_t blk) {
+      if (errs.failed()) return;
       const int64_t i0 = blk * PW;
       const int npts = (int)std::min<int64_t>(PW, n - i0);
       vd theta, phi, x, u, c1, s1;
@@ -345,19 +392,28 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
         latlon_to_angles(lat, lon, &theta[p], &phi[p]);
       }
       sincos_lanes(theta, &u, &x);
+      if (!lanes) {
+        for (int p = 0; p < npts; ++p) {
+          trig_table(phi[p], L, c1d.data(), s1d.data());
+          basis_point(t, L, x[p], u[p], c1d.data(), s1d.data(), w.data(), rows1.data(), rows1.data() + (L + 2),
+                      rows1.data() + 2 * (L + 2), out + (i0 + p) * K);
+        }
+        return;
+      }
       sincos_lanes(phi, &s1, &c1);
       trig_lanes(phi, c1, s1, L, c.data(), s.data());
       basis_lanes(t, L, x, u, c.data(), s.data(), w.data(), rows.data(), rows.data() + (L + 2),
                   rows.data() + 2 * (L + 2), tile.data());
       transpose_rows(tile.data(), K, npts, block.data());
       write_out(block.data(), out + i0 * K, npts * K);
-    }
+    });
+    bad_any.fetch_or(bad);
 #if defined(__AVX512F__)
     _mm_sfence();  // streaming stores are visible to other threads once the region ends
 #endif
-  }
+  });
   errs.rethrow();
-  return bad;
+  return bad_any.load();
 }
 
 template <typename T>
@@ -372,8 +428,8 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
   std::vector<int> degree_of(K);
   for (int l = 0; l <= L; ++l)
     for (int m = -l; m <= l; ++m) degree_of[(int64_t)l * l + l + m] = l;
-#pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t i = 0; i < n; ++i) {
+  DynamicLoop loop(n, 64);
+  parallel_region([&] { loop.run([&](int64_t i) {
     double theta, phi;
     latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
     const T* g = grad_out + i * K;
@@ -385,7 +441,7 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
     // d/dlat = -d/dtheta * pi/180 ; d/dlon = d/dphi * pi/180
     grad_coords[2 * i] = (T)(-d.ft * kDegToRad);
     grad_coords[2 * i + 1] = (T)(d.fp * kDegToRad);
-  }
+  }); });
 }
 
 template <typename T>
@@ -398,15 +454,16 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   const int64_t nblocks = (batch + W - 1) / W;
   const int ngroups = grid.ngroups();
   RegionErrors errs;
-#pragma omp parallel
-  {
+  // Tasks: (row block, group of ring pairs); consecutive tasks of a thread usually share the block.
+  DynamicLoop loop(nblocks * ngroups, 1);
+  parallel_region([&] {
     SeparableGrid::Work w;
     int64_t loaded = -1;  // row block whose coefficients are in w.cw
     errs.guard([&] { grid.init(w); });
-    // Tasks: (row block, group of ring pairs); consecutive tasks of a thread usually share the block.
-#pragma omp for collapse(2) schedule(dynamic)
-    for (int64_t rb = 0; rb < nblocks; ++rb)
-      for (int g = 0; g < ngroups; ++g) errs.guard([&] {
+    loop.run([&](int64_t task) {
+      const int64_t rb = task / ngroups;
+      const int g = (int)(task % ngroups);
+      errs.guard([&] {
         const int64_t b0 = rb * W;
         const int rows = (int)std::min<int64_t>(W, batch - b0);
         if (loaded != rb) {
@@ -423,7 +480,8 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
           }
         });
       });
-  }
+    });
+  });
   errs.rethrow();
 }
 
@@ -435,16 +493,15 @@ void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int
   const int64_t K = (int64_t)(L + 1) * (L + 1), plane = (int64_t)nlat * nlon;
   const int64_t nblocks = (batch + W - 1) / W;
   RegionErrors errs;
-#pragma omp parallel
-  {
+  DynamicLoop loop(nblocks, 1);
+  parallel_region([&] {
     SeparableGrid::Work w;
     std::vector<double> f;
     errs.guard([&] {
       grid.init(w);
       f.resize((size_t)W * nlon);
     });
-#pragma omp for schedule(dynamic)
-    for (int64_t rb = 0; rb < nblocks; ++rb) errs.guard([&] {
+    loop.run([&](int64_t rb) { errs.guard([&] {
       const int64_t b0 = rb * W;
       const int rows = (int)std::min<int64_t>(W, batch - b0);
       std::fill(w.cw.begin(), w.cw.end(), 0.0);
@@ -463,8 +520,8 @@ void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int
         grid.legendre_adjoint(p0, w);
       }
       grid.store_coeffs(w, rows, grad_coeffs + b0 * K);
-    });
-  }
+    }); });
+  });
   errs.rethrow();
 }
 
@@ -630,8 +687,8 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
   const int64_t nchunks = (batch + W - 1) / W;
 
   RegionErrors errs;
-#pragma omp parallel
-  {
+  DynamicLoop loop(nchunks, 1);
+  parallel_region([&] {
     SeparableGrid::Work w;
     std::unique_ptr<RowEvaluator> eval_ptr;
     // The coarse map arrives ring pair by ring pair: north ring s and south ring nlat-1-s for
@@ -646,8 +703,7 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
       rings.resize(2 * 3 * (size_t)W * nlon);
       tops.assign(W, TopList(opt.candidates));
     });
-#pragma omp for schedule(dynamic)
-    for (int64_t cb = 0; cb < nchunks; ++cb) errs.guard([&] {
+    loop.run([&](int64_t cb) { errs.guard([&] {
       RowEvaluator& eval = *eval_ptr;
       const int64_t b0 = cb * W;
       const int rows = (int)std::min<int64_t>(W, batch - b0);
@@ -709,8 +765,8 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
           }
         }
       }
-    });
-  }
+    }); });
+  });
   errs.rethrow();
 }
 

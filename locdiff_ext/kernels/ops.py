@@ -123,15 +123,15 @@ def _decode_bytes(B: int, L: int, top_k: int, nlat: int, nlon: int, candidates: 
 # ----------------------------------------------------------------------------- sh_basis / shdd_encode
 
 
-def _basis_impl(coords: Tensor, L: int, weights: Optional[Tensor]) -> Tensor:
-    cpu = coords.device.type == "cpu"
-    if not cpu:  # the CPU kernel checks the coordinates in its own pass over them
+def _basis_impl(coords: Tensor, L: int, weights: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    if coords.device.type != "cpu":  # the CPU kernel checks the coordinates in its own pass over them
         _check_coord_values(coords)
     if weights is not None:
         _check_finite(weights, "weights")
     n, K = coords.shape[0], num_coeffs(L)
-    check_fits(n * K * coords.element_size(), coords.device, "coords/L")
-    out = coords.new_empty((n, K))
+    if out is None:
+        check_fits(n * K * coords.element_size(), coords.device, "coords/L")
+        out = coords.new_empty((n, K))
     if n:
         _raise_bad_coords(_C.sh_basis(_ptr(coords), _ptr(out), n, L, _ptr(weights), _DTYPE_CODE[coords.dtype],
                                       _device_index(coords), _stream(coords)))
@@ -380,24 +380,54 @@ def _prep_coords(coords) -> Tuple[Tensor, Tuple[int, ...]]:
     return coords.reshape(-1, 2).contiguous(), lead
 
 
-def sh_basis(coords: Tensor, L: int) -> Tensor:
+def _check_out(out, flat: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """``out=`` of sh_basis / shdd_encode: a contiguous tensor of the result's shape, dtype and device, not
+    overlapping ``coords``, in an eager call that records no gradient."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != flat.dtype:
+        raise TypeError(f"out dtype {out.dtype} differs from coords dtype {flat.dtype}")
+    if out.device != flat.device:
+        raise ValueError(f"out is on {out.device} but coords is on {flat.device}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if not _eager(flat) or (torch.is_grad_enabled() and out.requires_grad):
+        raise ValueError("out= is for eager calls that record no gradient (coords.requires_grad, out.requires_grad "
+                         "or torch.compile): call without out=")
+    a0, a1 = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+    b0, b1 = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    if out.numel() and flat.numel() and a0 < b1 and b0 < a1:
+        raise ValueError("out overlaps coords")
+    return out.view(-1, shape[-1])
+
+
+def sh_basis(coords: Tensor, L: int, out: Optional[Tensor] = None) -> Tensor:
     """Real orthonormal spherical harmonics (no Condon-Shortley phase) up to degree ``L`` at
     ``coords`` [..., 2] = (lat, lon) degrees.  Returns [..., (L+1)^2], column l*l + l + m.
-    Differentiable w.r.t. ``coords`` (analytic derivative kernel)."""
+    Differentiable w.r.t. ``coords`` (analytic derivative kernel).
+
+    ``out``: a tensor to write the result into (and return), for loops that call this with one size
+    again and again: a fresh output's pages cost the operating system as much time to clear as the
+    kernel takes to fill them (BENCHMARKS.md 1f)."""
     L = check_int(L, "L", 0, MAX_DEGREE)
     flat, lead = _prep_coords(coords)
-    out = _basis_impl(flat, L, None) if _eager(flat) else _sh_basis_op(flat, L)
-    return out.reshape(*lead, num_coeffs(L))
+    if out is not None:
+        _basis_impl(flat, L, None, _check_out(out, flat, lead + (num_coeffs(L),)))
+        return out
+    res = _basis_impl(flat, L, None) if _eager(flat) else _sh_basis_op(flat, L)
+    return res.reshape(*lead, num_coeffs(L))
 
 
-def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Tensor:
+def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """SHDD vector of each location: the SH coefficients of the Dirac delta at ``coords``, i.e. the
-    basis evaluated there, optionally multiplied per degree by ``weights`` [L+1] (a taper)."""
+    basis evaluated there, optionally multiplied per degree by ``weights`` [L+1] (a taper).
+    ``out``: as for sh_basis."""
     L = check_int(L, "L", 0, MAX_DEGREE)
     flat, lead = _prep_coords(coords)
     if weights is None:
-        out = _basis_impl(flat, L, None) if _eager(flat) else _sh_basis_op(flat, L)
-        return out.reshape(*lead, num_coeffs(L))
+        return sh_basis(coords, L, out=out)
     _check_float(weights, "weights")
     if weights.shape != (L + 1,):
         raise ValueError(f"weights must have shape [L+1] = [{L + 1}], got {tuple(weights.shape)}")
@@ -409,8 +439,11 @@ def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None) -> Ten
         raise ValueError("weights: gradients with respect to the per-degree weights are not supported; pass "
                          "weights.detach() (gradients with respect to coords are)")
     weights = weights.contiguous()
-    out = _basis_impl(flat, L, weights) if _eager(flat) else _shdd_encode_op(flat, L, weights)
-    return out.reshape(*lead, num_coeffs(L))
+    if out is not None:
+        _basis_impl(flat, L, weights, _check_out(out, flat, lead + (num_coeffs(L),)))
+        return out
+    res = _basis_impl(flat, L, weights) if _eager(flat) else _shdd_encode_op(flat, L, weights)
+    return res.reshape(*lead, num_coeffs(L))
 
 
 def _prep_coeffs(coeffs) -> Tuple[Tensor, Tuple[int, ...], int]:

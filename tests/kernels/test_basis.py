@@ -186,3 +186,30 @@ def test_basis_checks_coordinates_anywhere_in_a_large_batch():
     near = torch.tensor([[10.0, math.fmod(1e20, 360.0)], [10.0, -math.fmod(1e20, 360.0)], [10.0, 0.0], [10.0, 0.0]],
                         dtype=torch.float64)
     assert (ld.sh_basis(far, 12) - ld.sh_basis(near, 12)).abs().max().item() < 1e-14
+
+
+def test_out_argument_writes_in_place_and_checks_it():
+    c = random_coords(50, seed=12, extras=False).reshape(5, 10, 2)
+    expected = ld.sh_basis(c, 6)
+    buf = torch.full((5, 10, 49), float("nan"), dtype=torch.float64)
+    assert ld.sh_basis(c, 6, out=buf) is buf and torch.equal(buf, expected)
+    w = torch.linspace(1.0, 0.5, 7, dtype=torch.float64)
+    assert ld.shdd_encode(c, 6, weights=w, out=buf) is buf and torch.equal(buf, ld.shdd_encode(c, 6, weights=w))
+    assert ld.shdd_encode(c, 6, out=buf) is buf and torch.equal(buf, expected)
+    for bad, exc, match in [
+        (torch.empty(5, 10, 48, dtype=torch.float64), ValueError, "shape"),
+        (torch.empty(5, 10, 49), TypeError, "dtype"),
+        (torch.empty(10, 5, 49, dtype=torch.float64).transpose(0, 1), ValueError, "contiguous"),
+        ([0.0], TypeError, "torch.Tensor"),
+        (c.new_empty(0), ValueError, "shape"),
+    ]:
+        with pytest.raises(exc, match=match):
+            ld.sh_basis(c, 6, out=bad)
+    g = c.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="gradient"):
+        ld.sh_basis(g, 6, out=buf)
+    big = torch.zeros(4, 4, dtype=torch.float64)  # coords living inside out
+    with pytest.raises(ValueError, match="overlaps"):
+        ld.sh_basis(big.view(-1)[:4].view(2, 2), 1, out=big.view(-1)[:8].view(2, 4))
+    with pytest.raises(ValueError, match="coords"):  # bad coordinates are refused with out= too
+        ld.sh_basis(torch.tensor([[95.0, 0.0]], dtype=torch.float64), 6, out=torch.empty(1, 49, dtype=torch.float64))

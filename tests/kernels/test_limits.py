@@ -47,7 +47,7 @@ def test_huge_integers_give_named_errors_not_an_abort(tmp_path):
 
 def test_an_allocation_failure_inside_a_kernel_becomes_a_python_error(tmp_path):
     """Straight to the compiled module, past every Python check: the decoder's per-thread candidate
-    lists of 2^31 - 1 entries cannot be allocated inside its OpenMP region.  That used to call
+    lists of 2^31 - 1 entries cannot be allocated inside its parallel region.  That used to call
     std::terminate (SIGABRT); the exception must cross the region and reach Python."""
     proc = _run_capped("""
         from locdiff_ext import _C
@@ -57,8 +57,10 @@ def test_an_allocation_failure_inside_a_kernel_becomes_a_python_error(tmp_path):
             _C.shdd_decode(x.data_ptr(), c.data_ptr(), s.data_ptr(), 1, 32, 1, 66, 132, 2**31 - 1, 30, 0.0, 1, -1, 0)
         except (MemoryError, ValueError) as e:
             print("caught", type(e).__name__)
+        print("then", tuple(ld.sh_synthesis(x, 8, 16).shape))  # the thread pool still works
     """, tmp_path, cap_gib=2)
     assert proc.returncode == 0 and proc.stdout.startswith("caught"), (proc.returncode, proc.stderr[-2000:])
+    assert "then (1, 8, 16)" in proc.stdout
 
 
 def test_decode_refuses_grids_coarser_than_the_main_lobe():
