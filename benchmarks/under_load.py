@@ -2,7 +2,7 @@
 
 Times sh_basis (N = 20,000, L = 20, float64) and sphericart side by side, 15 interleaved calls each, first on
 an idle machine, then while as many busy-looping processes as there are cores compete for them (as a
-DataLoader or a second job would); then sh_synthesis (B = 64, L = 64). Also the first call of a fresh
+DataLoader or a second job would); then sh_synthesis (B = 64, L = 64) and shdd_decode (B = 64, L = 32, geolocate's decoder). Also the first call of a fresh
 process (import and first sh_basis). No environment variable is set: this is what users get.
 
 Run:  python benchmarks/under_load.py
@@ -57,6 +57,8 @@ def cases():
         pass
     x = torch.randn(64, 65 ** 2, generator=g, dtype=torch.float64)
     fns["locdiff sh_synthesis B=64 L=64"] = lambda: ld.sh_synthesis(x, 130, 260)
+    y = ld.shdd_encode(pts[:64], 32)
+    fns["locdiff shdd_decode B=64 L=32"] = lambda: ld.shdd_decode(y)
     return fns
 
 

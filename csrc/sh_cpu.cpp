@@ -1,6 +1,7 @@
-// CPU kernels: the library's thread pool over points (or rows) (parallel.h), loops over lanes or m
-// vectorised.  Loops are scheduled dynamically in chunks, so that a thread that loses its core to
-// another process holds up only its current chunk.
+// CPU kernels: OpenMP over points (or rows), loops over m vectorised by the compiler.
+// Loops are scheduled dynamically in chunks, so that a thread that loses its core to another process
+// holds up only its current chunk.  (Under such a load the calls still slow ~3x, against ~1.7x with
+// OMP_WAIT_POLICY=passive: libgomp's spin-waiting, which a library cannot switch off; BENCHMARKS.md 1e.)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,6 +12,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -25,7 +29,13 @@
 namespace locdiff {
 namespace cpu {
 
-int max_threads() { return locdiff::max_threads(); }
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 namespace {
 
@@ -356,9 +366,9 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   advise_huge_pages(out, (size_t)n * K * sizeof(T));
   const int64_t nblocks = (n + PW - 1) / PW;
   RegionErrors errs;
-  std::atomic<int> bad_any{0};
-  DynamicLoop loop(nblocks, 8);
-  parallel_region([&] {
+  int bad = 0;
+#pragma omp parallel reduction(| : bad)
+  {
     const bool lanes = L <= kLaneMaxL;
     std::vector<vd> c, s, rows, tile;
     std::vector<T> block;
@@ -376,9 +386,9 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
         rows1.resize(3 * (size_t)(L + 2));
       }
     });
-    int bad = 0;
-    loop.run([&](int64_t blk) {
-      if (errs.failed()) return;
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      if (errs.failed()) continue;
       const int64_t i0 = blk * PW;
       const int npts = (int)std::min<int64_t>(PW, n - i0);
       vd theta, phi, x, u, c1, s1;
@@ -398,7 +408,7 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
           basis_point(t, L, x[p], u[p], c1d.data(), s1d.data(), w.data(), rows1.data(), rows1.data() + (L + 2),
                       rows1.data() + 2 * (L + 2), out + (i0 + p) * K);
         }
-        return;
+        continue;
       }
       sincos_lanes(phi, &s1, &c1);
       trig_lanes(phi, c1, s1, L, c.data(), s.data());
@@ -406,14 +416,13 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
                   rows.data() + 2 * (L + 2), tile.data());
       transpose_rows(tile.data(), K, npts, block.data());
       write_out(block.data(), out + i0 * K, npts * K);
-    });
-    bad_any.fetch_or(bad);
+    }
 #if defined(__AVX512F__)
     _mm_sfence();  // streaming stores are visible to other threads once the region ends
 #endif
-  });
+  }
   errs.rethrow();
-  return bad_any.load();
+  return bad;
 }
 
 template <typename T>
@@ -428,8 +437,8 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
   std::vector<int> degree_of(K);
   for (int l = 0; l <= L; ++l)
     for (int m = -l; m <= l; ++m) degree_of[(int64_t)l * l + l + m] = l;
-  DynamicLoop loop(n, 64);
-  parallel_region([&] { loop.run([&](int64_t i) {
+#pragma omp parallel for schedule(dynamic, 64)
+  for (int64_t i = 0; i < n; ++i) {
     double theta, phi;
     latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
     const T* g = grad_out + i * K;
@@ -441,7 +450,7 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
     // d/dlat = -d/dtheta * pi/180 ; d/dlon = d/dphi * pi/180
     grad_coords[2 * i] = (T)(-d.ft * kDegToRad);
     grad_coords[2 * i + 1] = (T)(d.fp * kDegToRad);
-  }); });
+  }
 }
 
 template <typename T>
@@ -454,16 +463,15 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   const int64_t nblocks = (batch + W - 1) / W;
   const int ngroups = grid.ngroups();
   RegionErrors errs;
-  // Tasks: (row block, group of ring pairs); consecutive tasks of a thread usually share the block.
-  DynamicLoop loop(nblocks * ngroups, 1);
-  parallel_region([&] {
+#pragma omp parallel
+  {
     SeparableGrid::Work w;
     int64_t loaded = -1;  // row block whose coefficients are in w.cw
     errs.guard([&] { grid.init(w); });
-    loop.run([&](int64_t task) {
-      const int64_t rb = task / ngroups;
-      const int g = (int)(task % ngroups);
-      errs.guard([&] {
+    // Tasks: (row block, group of ring pairs); consecutive tasks of a thread usually share the block.
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t rb = 0; rb < nblocks; ++rb)
+      for (int g = 0; g < ngroups; ++g) errs.guard([&] {
         const int64_t b0 = rb * W;
         const int rows = (int)std::min<int64_t>(W, batch - b0);
         if (loaded != rb) {
@@ -480,8 +488,7 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
           }
         });
       });
-    });
-  });
+  }
   errs.rethrow();
 }
 
@@ -493,15 +500,16 @@ void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int
   const int64_t K = (int64_t)(L + 1) * (L + 1), plane = (int64_t)nlat * nlon;
   const int64_t nblocks = (batch + W - 1) / W;
   RegionErrors errs;
-  DynamicLoop loop(nblocks, 1);
-  parallel_region([&] {
+#pragma omp parallel
+  {
     SeparableGrid::Work w;
     std::vector<double> f;
     errs.guard([&] {
       grid.init(w);
       f.resize((size_t)W * nlon);
     });
-    loop.run([&](int64_t rb) { errs.guard([&] {
+#pragma omp for schedule(dynamic)
+    for (int64_t rb = 0; rb < nblocks; ++rb) errs.guard([&] {
       const int64_t b0 = rb * W;
       const int rows = (int)std::min<int64_t>(W, batch - b0);
       std::fill(w.cw.begin(), w.cw.end(), 0.0);
@@ -520,8 +528,8 @@ void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int
         grid.legendre_adjoint(p0, w);
       }
       grid.store_coeffs(w, rows, grad_coeffs + b0 * K);
-    }); });
-  });
+    });
+  }
   errs.rethrow();
 }
 
@@ -687,8 +695,8 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
   const int64_t nchunks = (batch + W - 1) / W;
 
   RegionErrors errs;
-  DynamicLoop loop(nchunks, 1);
-  parallel_region([&] {
+#pragma omp parallel
+  {
     SeparableGrid::Work w;
     std::unique_ptr<RowEvaluator> eval_ptr;
     // The coarse map arrives ring pair by ring pair: north ring s and south ring nlat-1-s for
@@ -703,7 +711,8 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
       rings.resize(2 * 3 * (size_t)W * nlon);
       tops.assign(W, TopList(opt.candidates));
     });
-    loop.run([&](int64_t cb) { errs.guard([&] {
+#pragma omp for schedule(dynamic)
+    for (int64_t cb = 0; cb < nchunks; ++cb) errs.guard([&] {
       RowEvaluator& eval = *eval_ptr;
       const int64_t b0 = cb * W;
       const int rows = (int)std::min<int64_t>(W, batch - b0);
@@ -765,8 +774,8 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
           }
         }
       }
-    }); });
-  });
+    });
+  }
   errs.rethrow();
 }
 

@@ -1,7 +1,6 @@
-"""The CPU kernels' own thread pool (csrc/parallel.h): results independent of the thread count, calls
-from several Python threads at once, a forked child process (errors raised inside a region: tests/kernels/test_limits.py)."""
+"""The CPU kernels' parallel regions: results independent of the thread count and of calls from several
+Python threads at once (errors raised inside a region: tests/kernels/test_limits.py)."""
 
-import multiprocessing as mp
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -36,36 +35,11 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_calls_from_several_python_threads_at_once():
-    """The kernels release the GIL; a call made while the pool is busy runs on its own thread."""
+    """The kernels release the GIL, so these calls overlap."""
     calls = _calls()
     expected = [f() for f in calls]
     with ThreadPoolExecutor(4) as ex:
         futures = [(i, ex.submit(calls[i])) for _ in range(8) for i in range(len(calls))]
         for i, fut in futures:
             assert torch.equal(fut.result(timeout=120), expected[i])
-
-
-def _child(c, queue):
-    # Only our kernel in the child (numpy for the sum): torch's own OpenMP and MKL threads are not
-    # fork-safe (libgomp hangs in a child whose parent used them), which is why DataLoader workers run
-    # torch with one thread; our kernels no longer use OpenMP's threads.
-    queue.put(float(abs(ld.sh_basis(c, 12).numpy()).sum()))
-
-
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork()")
-def test_forked_child_after_the_pool_ran():
-    """A DataLoader-style fork after the parent used the pool: the child has none of its threads and
-    must start its own instead of waiting for them forever."""
-    c = random_coords(500, seed=4)
-    expected = float(abs(ld.sh_basis(c, 12).numpy()).sum())
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(c, queue))
-    proc.start()
-    proc.join(timeout=120)
-    if proc.is_alive():
-        proc.kill()
-        pytest.fail("the forked child hung in a kernel call")
-    assert proc.exitcode == 0
-    assert queue.get(timeout=10) == pytest.approx(expected, rel=1e-12)
 
