@@ -3,7 +3,6 @@ Python threads at once (errors raised inside a region: tests/kernels/test_limits
 
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import torch
 
 import locdiff_ext as ld
