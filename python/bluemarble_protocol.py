@@ -115,6 +115,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="the demo's quick configuration (a smoke run)")
     ap.add_argument("--crops", type=int, default=None, help="crops per run (default: the demo's)")
     ap.add_argument("--steps", type=int, default=None, help="LocDiff training steps (default: the demo's)")
+    ap.add_argument("--weighting", default=None, choices=["none", "gaussian"],
+                    help="LocDiff's per-degree taper (default: the demo's, none)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     runs: Dict[str, List[dict]] = {}
@@ -128,6 +130,8 @@ def main(argv=None) -> None:
                     cfg.num_crops = args.crops
                 if args.steps:
                     cfg.diffusion_steps = args.steps
+                if args.weighting:
+                    cfg.weighting = args.weighting
                 t = time.perf_counter()
                 print(f"run {enc}, seed {seed} -> {run}", flush=True)
                 run_demo(cfg, out=run, progress=False, log=lambda *a: None)

@@ -78,6 +78,7 @@ class DemoConfig:
     num_samples: int = 16
     baseline_steps: int = 3000
     retrieval_k: int = 8           # LocDiff-R: condition on the 8 most similar training crops; 0: plain LocDiff
+    weighting: str = "none"        # LocDiff's per-degree taper of the SHDD vectors ('gaussian': smoother targets)
     seed: int = 0
 
     def __post_init__(self):
@@ -205,7 +206,7 @@ def train_locdiff(emb: torch.Tensor, coords: torch.Tensor, train: np.ndarray, mo
     checkpoints (~100 MB) are scratch and deleted; its history.json stays in ``run_dir``."""
     torch.manual_seed(cfg.seed)
     fields = dict(cond_dim=enc.dim, L=cfg.L, widths=cfg.widths, time_dim=128, dropout=0.1, num_samples=cfg.num_samples,
-                  retrieval_k=cfg.retrieval_k)
+                  retrieval_k=cfg.retrieval_k, weighting=cfg.weighting)
     model = LocDiff(LocDiffConfig(**{**fields, **config}), image_encoder=enc)
     tcfg = TrainConfig(steps=cfg.diffusion_steps, batch_size=256, lr=1e-3, warmup_steps=min(200, cfg.diffusion_steps // 10),
                        eval_every=max(cfg.diffusion_steps // 2, 1), eval_size=256, eval_samples=4, eval_steps=10,
