@@ -328,10 +328,15 @@ class LocDiff(nn.Module):
                              "(its unconditional branch is untrained)")
         B = cond.shape[0]
         rep = self._net_condition(cond).repeat_interleave(num_samples, dim=0)
+        net = self.net
+
+        def model(x, t, c, drop_mask=None):  # an input's samples share its condition: FiLM etc. once per input
+            return net(x, t, c, drop_mask, repeats=num_samples)
+
         was_training = self.net.training
         self.net.eval()
         try:
-            x = self._sampler(steps).sample(self.net, rep, (B * num_samples, self.shdd.dim), generator=generator,
+            x = self._sampler(steps).sample(model, rep, (B * num_samples, self.shdd.dim), generator=generator,
                                             device=cond.device, dtype=torch.float32, guidance_scale=g)
         finally:
             self.net.train(was_training)

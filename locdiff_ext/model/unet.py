@@ -69,6 +69,12 @@ class FiLMSineLayer(nn.Module):
         gamma, beta = self.film(c).chunk(2, dim=-1)
         return torch.sin(self.w0 * ((1 + gamma) * self.linear(x) + beta))
 
+    def modulate(self, y: Tensor, c: Tensor) -> Tensor:
+        """sin(w0 (gamma(c) * y + beta(c))) for y = W x + b of R groups of S rows [R, S, out] that share
+        their condition row c [R, cond]: FiLM evaluated once per group."""
+        gamma, beta = self.film(c).unsqueeze(1).chunk(2, dim=-1)
+        return torch.sin(self.w0 * ((1 + gamma) * y + beta))
+
 
 class CSUNet(nn.Module):
     """Conditional SIREN U-Net over SHDD vectors: forward(x_t [B,K], t [B], cond [B,D] or None).
@@ -120,12 +126,19 @@ class CSUNet(nn.Module):
             e = torch.where(drop_mask[:, None], self.null_cond.expand_as(e), e)
         return self.act(c + e)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None, drop_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None, drop_mask: Optional[Tensor] = None,
+                repeats: int = 1) -> Tensor:
+        """``repeats`` S > 1: the rows come in groups of S consecutive rows that share their timestep, condition
+        and drop flag (the samples of one input while sampling); everything that depends only on those (the
+        timestep and condition MLPs, every FiLM, the prior's share of the input layer and of the output) is
+        computed once per group.  Same function as S = 1, up to float rounding."""
         if x.shape[-1] != self.config.dim:
             raise ValueError(f"x must have shape [B, {self.config.dim}], got {tuple(x.shape)}")
         D, P = self.config.cond_dim, self.config.prior_dim
         if cond is not None and cond.shape[-1] != D + P:
             raise ValueError(f"cond must have shape [B, {D + P}], got {tuple(cond.shape)}")
+        if repeats != 1:
+            return self._forward_groups(x, t, cond, drop_mask, repeats)
         c = self.condition(t, cond, drop_mask)
         if P:
             prior = x.new_zeros(x.shape[0], P) if cond is None else cond[:, D:].to(x.dtype)
@@ -146,3 +159,37 @@ class CSUNet(nn.Module):
             blocks = x[:, self.config.dim:].reshape(x.shape[0], -1, self.config.dim)
             out = out + (self.prior_gate(c).unsqueeze(-1) * blocks).sum(1)
         return out
+
+    def _forward_groups(self, x: Tensor, t: Tensor, cond: Optional[Tensor], drop_mask: Optional[Tensor],
+                        S: int) -> Tensor:
+        rows, K, D, P = x.shape[0], self.config.dim, self.config.cond_dim, self.config.prior_dim
+        if S < 1 or rows % S:
+            raise ValueError(f"repeats must divide the {rows} rows, got {S}")
+        R = rows // S
+        first = slice(None, None, S)
+        cond1 = None if cond is None else cond[first]
+        drop1 = None if drop_mask is None else drop_mask[first]
+        c = self.condition(t[first], cond1, drop1)                     # [R, T]
+        W = self.inp.linear.weight
+        y = nn.functional.linear(x, W[:, :K]).view(R, S, -1)
+        if P:
+            prior = x.new_zeros(R, P) if cond1 is None else cond1[:, D:].to(x.dtype)
+            if drop1 is not None:
+                prior = prior.masked_fill(drop1[:, None], 0.0)
+            y = y + nn.functional.linear(prior, W[:, K:], self.inp.linear.bias).unsqueeze(1)
+        else:
+            y = y + self.inp.linear.bias
+        h = self.drop(self.inp.modulate(y, c))                        # [R, S, width]
+        skips = [h]
+        for layer in self.down:
+            h = self.drop(layer.modulate(layer.linear(h), c))
+            skips.append(h)
+        h = self.drop(self.mid.modulate(self.mid.linear(h), c))
+        for layer in self.up:
+            h = self.drop(layer.modulate(layer.linear(torch.cat([h, skips.pop()], dim=-1)), c))
+        h = self.drop(self.out_block.modulate(self.out_block.linear(torch.cat([h, skips.pop()], dim=-1)), c))
+        out = self.out(h)                                              # [R, S, K]
+        if P:
+            blocks = prior.reshape(R, -1, K)
+            out = out + (self.prior_gate(c).unsqueeze(-1) * blocks).sum(1).unsqueeze(1)
+        return out.reshape(rows, K)

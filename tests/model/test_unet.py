@@ -34,3 +34,23 @@ def test_csunet_shapes_init_and_conditioning():
         net(x, t, torch.randn(5, 3))
     with pytest.raises(ValueError, match="x"):
         net(torch.randn(5, 80), t, e)
+
+
+@pytest.mark.parametrize("prior_dim", [0, 2 * 81])
+def test_groups_of_rows_sharing_a_condition_give_the_same_output(prior_dim):
+    """repeats=S (the samples of one input while sampling) computes the condition path once per group of
+    S rows: same output as the row-by-row path, with and without the prior, dropped conditions or cond."""
+    torch.manual_seed(0)
+    net = CSUNet(CSUNetConfig(dim=81, cond_dim=32, widths=(64, 32, 16), prior_dim=prior_dim)).eval()
+    for p in net.parameters():  # FiLM and the prior gate start at zero: make them matter
+        torch.nn.init.normal_(p, std=0.05)
+    R, S = 5, 4
+    cond = torch.randn(R, 32 + prior_dim).repeat_interleave(S, 0)
+    x, t = torch.randn(R * S, 81), torch.full((R * S,), 17)
+    drop = (torch.arange(R) % 2 == 0).repeat_interleave(S)
+    with torch.no_grad():
+        for d in (None, drop):
+            for c in (cond, None):
+                torch.testing.assert_close(net(x, t, c, d, repeats=S), net(x, t, c, d), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="repeats"):
+        net(x, t, cond, repeats=3)
