@@ -1,6 +1,9 @@
 // CUDA kernels.  Work is spread over orders m (one thread per m of a point, ring or candidate)
 // rather than one thread per point, so that writes of a degree's row are coalesced and a warp
-// shares one point's recurrence.  All arithmetic in double, outputs in T.
+// shares one point's recurrence.  Arithmetic in double, outputs in T; except that sh_basis and
+// sh_synthesis with float32 data up to degree kFloatComputeMaxL run their recurrences and sums in
+// float (compute type C): consumer GPUs run double at 1/32-1/64 of the float rate.  Angles are still
+// formed and reduced in double (a few operations per thread), so only the recurrence rounds in float.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -9,6 +12,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 #include "sh_math.h"
@@ -24,23 +28,50 @@ void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("locdiff CUDA error in ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Highest degree whose float32 sh_basis / sh_synthesis compute in float (tests: within 1e-5 of the
+// float64 reference, tests/kernels/test_cuda.py); above it they compute in double like float64 data.
+constexpr int kFloatComputeMaxL = 64;
+
+// The recurrence tables in compute type C (the float copy for the float32 compute path).
+template <typename C>
+struct Tab {
+  const C *a, *b, *sect, *logsect;
+};
+
 struct DeviceTables {
   double *a = nullptr, *b = nullptr, *e = nullptr, *sect = nullptr, *logsect = nullptr;
+  float *fa = nullptr, *fb = nullptr, *fsect = nullptr, *flogsect = nullptr;
   int L = -1;
   SHTables view() const { return SHTables{a, b, e, sect, logsect, L}; }
   void release() {
     cudaFree(a); cudaFree(b); cudaFree(e); cudaFree(sect); cudaFree(logsect);
+    cudaFree(fa); cudaFree(fb); cudaFree(fsect); cudaFree(flogsect);
     a = b = e = sect = logsect = nullptr;
+    fa = fb = fsect = flogsect = nullptr;
   }
 };
 
-// Device copy of the recurrence tables, per device, grown like the host cache.
-SHTables device_tables(int L, int device) {
+template <typename C>
+Tab<C> tab_of(const DeviceTables& dt);
+template <>
+Tab<double> tab_of<double>(const DeviceTables& dt) { return Tab<double>{dt.a, dt.b, dt.sect, dt.logsect}; }
+template <>
+Tab<float> tab_of<float>(const DeviceTables& dt) { return Tab<float>{dt.fa, dt.fb, dt.fsect, dt.flogsect}; }
+
+void upload_float(float** dst, const std::vector<double>& src) {
+  std::vector<float> f(src.begin(), src.end());
+  check(cudaMalloc(dst, f.size() * sizeof(float)), "cudaMalloc tables");
+  check(cudaMemcpy(*dst, f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice), "copy tables");
+}
+
+// Device copy of the recurrence tables (double, and float for the float32 compute path), per
+// device, grown like the host cache.
+const DeviceTables& device_table_set(int L, int device) {
   static std::mutex mutex;
   static std::map<int, DeviceTables> cache;
   std::lock_guard<std::mutex> lock(mutex);
   DeviceTables& dt = cache[device];
-  if (dt.L >= L) return dt.view();
+  if (dt.L >= L) return dt;
   auto host = host_tables(L);
   check(cudaDeviceSynchronize(), "device_tables sync");  // old tables may be in use
   dt.release();
@@ -56,9 +87,15 @@ SHTables device_tables(int L, int device) {
   check(cudaMemcpy(dt.sect, host->sect.data(), ns * sizeof(double), cudaMemcpyHostToDevice), "copy tables");
   check(cudaMemcpy(dt.logsect, host->logsect.data(), ns * sizeof(double), cudaMemcpyHostToDevice),
         "copy tables");
+  upload_float(&dt.fa, host->a);
+  upload_float(&dt.fb, host->b);
+  upload_float(&dt.fsect, host->sect);
+  upload_float(&dt.flogsect, host->logsect);
   dt.L = host->L;
-  return dt.view();
+  return dt;
 }
+
+SHTables device_tables(int L, int device) { return device_table_set(L, device).view(); }
 
 int current_device() {
   int d = 0;
@@ -81,43 +118,69 @@ __device__ __forceinline__ int degree_of(int64_t k) {
   return l;
 }
 
-template <typename T>
+__device__ __forceinline__ void sincos_c(double a, double* s, double* c) { sincos(a, s, c); }
+__device__ __forceinline__ void sincos_c(float a, float* s, float* c) { sincosf(a, s, c); }
+
+// Pbar_mm(u) in compute type C (as sh_math.h's sectoral).
+__device__ __forceinline__ double sectoral_c(const Tab<double>& t, int m, double u) {
+  if (m == 0) return kY00;
+  return u <= 0.0 ? 0.0 : exp(t.logsect[m] + m * log(u));
+}
+__device__ __forceinline__ float sectoral_c(const Tab<float>& t, int m, float u) {
+  if (m == 0) return (float)kY00;
+  return u <= 0.f ? 0.f : expf(t.logsect[m] + m * logf(u));
+}
+
+// sqrt2 cos(m phi), sqrt2 sin(m phi) in C, the angle m phi reduced to [-pi, pi] in double first.
+template <typename C>
+__device__ __forceinline__ void order_trig(int m, double phi, C* cm, C* sm) {
+  double a = m * phi;
+  a -= 2.0 * kPi * rint(a / (2.0 * kPi));
+  C s, c;
+  sincos_c((C)a, &s, &c);
+  *cm = (C)kSqrt2 * c;
+  *sm = (C)kSqrt2 * s;
+}
+
+template <typename T, typename C>
 __global__ void basis_kernel(const T* __restrict__ coords, T* __restrict__ out, int64_t n, int L,
-                             const T* __restrict__ w, SHTables tab, int team) {
+                             const T* __restrict__ w, Tab<C> tab, int team) {
   const int per_block = blockDim.x / team;
   const int64_t i = (int64_t)blockIdx.x * per_block + threadIdx.x / team;
   const int lane_m = threadIdx.x % team;
   if (i >= n) return;  // no block-level synchronisation below
   double theta, phi;
   latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
-  const double x = cos(theta), u = sin(theta);
+  C x, u;
+  {
+    double sd, cd;
+    sincos(theta, &sd, &cd);  // once per thread; the recurrence below is what runs in C
+    x = (C)cd;
+    u = (C)sd;
+  }
   const int64_t K = (int64_t)(L + 1) * (L + 1);
   T* o = out + i * K;
   for (int m0 = 0; m0 <= L; m0 += team) {
     const int m = m0 + lane_m;
     const bool active = m <= L;
-    double cm = 1.0, sm = 0.0;
-    if (m > 0) {
-      sincos(m * phi, &sm, &cm);
-      cm *= kSqrt2;
-      sm *= kSqrt2;
-    }
-    double p1 = active ? sectoral(tab, m, u) : 0.0, p2 = 0.0;
+    C cm = 1, sm = 0;
+    if (m > 0) order_trig(m, phi, &cm, &sm);
+    C p1 = active ? sectoral_c(tab, m, u) : C(0), p2 = 0;
     // Every thread walks l from the team's smallest m so that, at each l, the team writes
     // contiguous columns l*l + l +- m (coalesced).
     for (int l = m0; l <= L; ++l) {
       if (!active || l < m) continue;
-      double pv;
+      C pv;
       if (l == m) {
         pv = p1;
-        p1 = 0.0;
+        p1 = 0;
       } else {
         const int64_t t = tri(l, m);
         pv = tab.a[t] * (x * p1 - tab.b[t] * p2);
       }
       p2 = p1;
       p1 = pv;
-      const double wl = w ? (double)w[l] : 1.0;
+      const C wl = w ? (C)w[l] : C(1);
       const int64_t base = (int64_t)l * l + l;
       if (m == 0) {
         o[base] = (T)(pv * wl);
@@ -180,17 +243,18 @@ __device__ __forceinline__ double ring_phi(int k, int nlon) { return -kPi + (k +
 
 // Legendre stage for one ring and one coefficient row, threads over m:
 // gc[m] = sum_l c[l,m] Pbar_lm(theta), gs[m] = sum_l c[l,-m] Pbar_lm(theta).
-template <typename T>
-__device__ void ring_legendre(const T* __restrict__ c, int L, const SHTables& tab, double theta,
-                              double* gc, double* gs) {
-  const double x = cos(theta), u = sin(theta);
+template <typename T, typename C>
+__device__ void ring_legendre(const T* __restrict__ c, int L, const Tab<C>& tab, double theta, C* gc, C* gs) {
+  double sd, cd;
+  sincos(theta, &sd, &cd);
+  const C x = (C)cd, u = (C)sd;
   for (int m = threadIdx.x; m <= L; m += blockDim.x) {
-    double p1 = sectoral(tab, m, u), p2 = 0.0, ac = 0.0, as = 0.0;
+    C p1 = sectoral_c(tab, m, u), p2 = 0, ac = 0, as = 0;
     for (int l = m; l <= L; ++l) {
-      double pv;
+      C pv;
       if (l == m) {
         pv = p1;
-        p1 = 0.0;
+        p1 = 0;
       } else {
         const int64_t t = tri(l, m);
         pv = tab.a[t] * (x * p1 - tab.b[t] * p2);
@@ -198,20 +262,24 @@ __device__ void ring_legendre(const T* __restrict__ c, int L, const SHTables& ta
       p2 = p1;
       p1 = pv;
       const int64_t base = (int64_t)l * l + l;
-      ac += (double)c[base + m] * pv;
-      if (m > 0) as += (double)c[base - m] * pv;
+      ac += (C)c[base + m] * pv;
+      if (m > 0) as += (C)c[base - m] * pv;
     }
     gc[m] = ac;
     gs[m] = as;
   }
 }
 
-template <typename T>
+__host__ __device__ inline Tab<double> tab_view(const SHTables& t) {
+  return Tab<double>{t.a, t.b, t.sect, t.logsect};
+}
+
+template <typename T, typename C>
 __global__ void synthesis_kernel(const T* __restrict__ coeffs, T* __restrict__ out, int64_t batch,
-                                 int L, int nlat, int nlon, SHTables tab) {
-  extern __shared__ double smem[];
-  double* gc = smem;
-  double* gs = smem + (L + 1);
+                                 int L, int nlat, int nlon, Tab<C> tab) {
+  extern __shared__ double smem[];  // 2 (L + 1) values of C
+  C* gc = reinterpret_cast<C*>(smem);
+  C* gs = gc + (L + 1);
   const int64_t bj = blockIdx.x;
   const int64_t b = bj / nlat;
   const int j = (int)(bj % nlat);
@@ -221,15 +289,21 @@ __global__ void synthesis_kernel(const T* __restrict__ coeffs, T* __restrict__ o
   T* o = out + bj * (int64_t)nlon;
   for (int k = threadIdx.x; k < nlon; k += blockDim.x) {
     const double phi = ring_phi(k, nlon);
-    double s1, c1;
-    sincos(phi, &s1, &c1);
-    double cm = 1.0, sm = 0.0, f = gc[0];
+    C s1, c1;
+    sincos_c((C)phi, &s1, &c1);
+    C cm = 1, sm = 0, f = gc[0];
+    // the rotation's error grows ~ m eps: re-anchored every 64 orders in double, every 16 in float
+    const int anchor = sizeof(C) == sizeof(double) ? 63 : 15;
     for (int m = 1; m <= L; ++m) {
-      const double cn = cm * c1 - sm * s1;
+      const C cn = cm * c1 - sm * s1;
       sm = sm * c1 + cm * s1;
       cm = cn;
-      if ((m & 63) == 0) sincos(m * phi, &sm, &cm);
-      f += kSqrt2 * (gc[m] * cm + gs[m] * sm);
+      if ((m & anchor) == 0) {
+        order_trig(m, phi, &cm, &sm);
+        cm *= (C)(1.0 / kSqrt2);
+        sm *= (C)(1.0 / kSqrt2);
+      }
+      f += (C)kSqrt2 * (gc[m] * cm + gs[m] * sm);
     }
     o[k] = (T)f;
   }
@@ -269,7 +343,7 @@ __global__ void decode_kernel(const T* __restrict__ coeffs, T* __restrict__ out_
 
   for (int j = 0; j <= nlat; ++j) {
     if (j < nlat) {
-      ring_legendre(c, L, tab, ring_theta(j, nlat), gc, gs);
+      ring_legendre(c, L, tab_view(tab), ring_theta(j, nlat), gc, gs);
       __syncthreads();
       float* rj = rings + (j % 3) * nlon;
       for (int k = threadIdx.x; k < nlon; k += blockDim.x) {
@@ -462,14 +536,23 @@ bool available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+// float32 data up to kFloatComputeMaxL: compute in float.
+template <typename T>
+bool float_compute(int L) { return sizeof(T) == sizeof(float) && L <= kFloatComputeMaxL; }
+
 template <typename T>
 void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights, void* stream) {
   if (n == 0) return;
-  const SHTables tab = device_tables(L, current_device());
+  const DeviceTables& dt = device_table_set(L, current_device());
   const int team = team_size(L);
   const int per_block = kThreads / team;
   const int64_t blocks = (n + per_block - 1) / per_block;
-  basis_kernel<T><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(coords, out, n, L, weights, tab, team);
+  if (float_compute<T>(L))
+    basis_kernel<T, float><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(coords, out, n, L, weights,
+                                                                                 tab_of<float>(dt), team);
+  else
+    basis_kernel<T, double><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(coords, out, n, L, weights,
+                                                                                  tab_of<double>(dt), team);
   check(cudaGetLastError(), "basis_kernel launch");
 }
 
@@ -489,10 +572,14 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
 template <typename T>
 void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int nlon, void* stream) {
   if (batch == 0 || nlat == 0 || nlon == 0) return;
-  const SHTables tab = device_tables(L, current_device());
+  const DeviceTables& dt = device_table_set(L, current_device());
   const size_t smem = sizeof(double) * 2 * (L + 1);
-  synthesis_kernel<T><<<(unsigned)(batch * nlat), kThreads, smem, (cudaStream_t)stream>>>(
-      coeffs, out, batch, L, nlat, nlon, tab);
+  if (float_compute<T>(L))
+    synthesis_kernel<T, float><<<(unsigned)(batch * nlat), kThreads, smem, (cudaStream_t)stream>>>(
+        coeffs, out, batch, L, nlat, nlon, tab_of<float>(dt));
+  else
+    synthesis_kernel<T, double><<<(unsigned)(batch * nlat), kThreads, smem, (cudaStream_t)stream>>>(
+        coeffs, out, batch, L, nlat, nlon, tab_of<double>(dt));
   check(cudaGetLastError(), "synthesis_kernel launch");
 }
 
