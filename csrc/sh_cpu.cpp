@@ -127,47 +127,48 @@ void trig_table(double phi, int L, double* c, double* s) {
 inline double ring_phi(int k, int nlon) { return -kPi + (k + 0.5) * 2.0 * kPi / nlon; }
 inline double ring_theta(int j, int nlat) { return (j + 0.5) * kPi / nlat; }
 
-}  // namespace
-
-namespace {
-
-// Harmonics of W points at once, one point per SIMD lane ("lanes" of lane_fft.h), degree by degree:
-// tile[l*l + l + m] holds Y_lm w_l of the W points.  Vectorising across points keeps every vector
-// full at any L (a loop over m is only l long: 1-20 at the degrees most used), and the recurrence
-// coefficients a_lm, b_lm are scalars shared by the lanes.  Rows r1 (degree l-1) and r2 (degree l-2)
-// are zero just past their last order, which is all the recurrence reads: no clearing per block.
+// Harmonics degree by degree, of one point (V = double, written to its output row O = T: the path
+// above kLaneMaxL) or of W points at once, one per SIMD lane (V = O = vd, written to the lanes path's
+// tile [K][W]): o[l*l + l + m] = Y_lm w_l.  Vectorising across points keeps every vector full at any L (a
+// loop over m is only l long: 1-20 at the degrees most used), and the recurrence coefficients a_lm, b_lm
+// are scalars shared by the lanes; one point at a time, the loop over m is what vectorises.  The step for
+// degree l and the write of its outputs share one loop over m, so each Pbar_lm is used while still in a
+// register.  Rows r1 (degree l-1) and r2 (degree l-2) hold L+2 entries and are zero just past their last
+// order, which is all the recurrence reads: no clearing per point.
 using lanes::vd;
 constexpr int PW = lanes::W;
 
-inline void basis_lanes(const SHTables& t, int L, const vd& x, const vd& u, const vd* c, const vd* s,
-                        const double* w, vd* r0, vd* r1, vd* r2, vd* tile) {
-  const vd zero = {};
+template <typename V, typename O>
+inline void basis_degrees(const SHTables& t, int L, const V& x, const V& u, const V* c, const V* s,
+                          const double* w, V* r0, V* r1, V* r2, O* o) {
+  const V zero = V();
   r2[0] = zero;
   r1[0] = zero + kY00;
   r1[1] = zero;
-  tile[0] = zero + kY00 * w[0];
+  o[0] = static_cast<O>(zero + kY00 * w[0]);
   for (int l = 1; l <= L; ++l) {
     const double* a = t.a + tri(l, 0);
     const double* b = t.b + tri(l, 0);
     const double wl = w[l];
-    vd* ol = tile + (int64_t)l * l + l;
-    const vd v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
+    O* ol = o + (int64_t)l * l + l;
+    const V v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
     r0[0] = v0;
-    ol[0] = v0 * wl;
+    ol[0] = static_cast<O>(v0 * wl);
+#pragma omp simd
     for (int m = 1; m < l; ++m) {
-      const vd v = a[m] * (x * r1[m] - b[m] * r2[m]);
+      const V v = a[m] * (x * r1[m] - b[m] * r2[m]);
       r0[m] = v;
-      const vd vw = v * wl;
-      ol[m] = vw * c[m];
-      ol[-m] = vw * s[m];
+      const V vw = v * wl;
+      ol[m] = static_cast<O>(vw * c[m]);
+      ol[-m] = static_cast<O>(vw * s[m]);
     }
-    const vd vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
+    const V vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
     r0[l] = vs;
     r0[l + 1] = zero;
-    const vd vsw = vs * wl;
-    ol[l] = vsw * c[l];
-    ol[-l] = vsw * s[l];
-    vd* tmp = r2;
+    const V vsw = vs * wl;
+    ol[l] = static_cast<O>(vsw * c[l]);
+    ol[-l] = static_cast<O>(vsw * s[l]);
+    V* tmp = r2;
     r2 = r1;
     r1 = r0;
     r0 = tmp;
@@ -304,50 +305,6 @@ inline void write_out(const T* src, T* dst, int64_t count) {
   std::memcpy(dst, src, count * sizeof(T));
 }
 
-}  // namespace
-
-namespace {
-
-// One point's harmonics, degree by degree (the path above kLaneMaxL).  The recurrence step for degree l and the write of the
-// output row l (contiguous columns l*l .. l*l+2l) share one loop over m, so each Pbar_lm is used
-// while still in a register.  Rows r1 (degree l-1) and r2 (degree l-2) hold L+2 entries and are
-// zero just past their last order, which is all the recurrence reads: no clearing per point.
-template <typename T>
-inline void basis_point(const SHTables& t, int L, double x, double u, const double* c, const double* s,
-                        const double* w, double* r0, double* r1, double* r2, T* o) {
-  r2[0] = 0.0;
-  r1[0] = kY00;
-  r1[1] = 0.0;
-  o[0] = (T)(kY00 * w[0]);
-  for (int l = 1; l <= L; ++l) {
-    const double* a = t.a + tri(l, 0);
-    const double* b = t.b + tri(l, 0);
-    const double wl = w[l];
-    T* ol = o + (int64_t)l * l + l;
-    const double v0 = a[0] * (x * r1[0] - b[0] * r2[0]);
-    r0[0] = v0;
-    ol[0] = (T)(v0 * wl);
-#pragma omp simd
-    for (int m = 1; m < l; ++m) {
-      const double v = a[m] * (x * r1[m] - b[m] * r2[m]);
-      r0[m] = v;
-      const double vw = v * wl;
-      ol[m] = (T)(vw * c[m]);
-      ol[-m] = (T)(vw * s[m]);
-    }
-    const double vs = t.sect[l] * u * r1[l - 1];  // sectoral Pbar_ll
-    r0[l] = vs;
-    r0[l + 1] = 0.0;
-    ol[l] = (T)(vs * wl * c[l]);
-    ol[-l] = (T)(vs * wl * s[l]);
-    double* tmp = r2;
-    r2 = r1;
-    r1 = r0;
-    r0 = tmp;
-  }
-}
-
-
 // Up to this degree the lanes path; above it the tile of the lanes path (64 K bytes per block of 8
 // points: 166 KB at L = 50) outgrows the caches and one point at a time (one row of 8 K bytes, its
 // loop over m long enough to vectorise) was faster (BENCHMARKS.md 1f).
@@ -405,14 +362,14 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
       if (!lanes) {
         for (int p = 0; p < npts; ++p) {
           trig_table(phi[p], L, c1d.data(), s1d.data());
-          basis_point(t, L, x[p], u[p], c1d.data(), s1d.data(), w.data(), rows1.data(), rows1.data() + (L + 2),
-                      rows1.data() + 2 * (L + 2), out + (i0 + p) * K);
+          basis_degrees(t, L, (double)x[p], (double)u[p], c1d.data(), s1d.data(), w.data(), rows1.data(),
+                        rows1.data() + (L + 2), rows1.data() + 2 * (L + 2), out + (i0 + p) * K);
         }
         continue;
       }
       sincos_lanes(phi, &s1, &c1);
       trig_lanes(phi, c1, s1, L, c.data(), s.data());
-      basis_lanes(t, L, x, u, c.data(), s.data(), w.data(), rows.data(), rows.data() + (L + 2),
+      basis_degrees(t, L, x, u, c.data(), s.data(), w.data(), rows.data(), rows.data() + (L + 2),
                   rows.data() + 2 * (L + 2), tile.data());
       transpose_rows(tile.data(), K, npts, block.data());
       write_out(block.data(), out + i0 * K, npts * K);
