@@ -424,10 +424,10 @@ def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None, out: O
     """SHDD vector of each location: the SH coefficients of the Dirac delta at ``coords``, i.e. the
     basis evaluated there, optionally multiplied per degree by ``weights`` [L+1] (a taper).
     ``out``: as for sh_basis."""
-    L = check_int(L, "L", 0, MAX_DEGREE)
-    flat, lead = _prep_coords(coords)
     if weights is None:
         return sh_basis(coords, L, out=out)
+    L = check_int(L, "L", 0, MAX_DEGREE)
+    flat, lead = _prep_coords(coords)
     _check_float(weights, "weights")
     if weights.shape != (L + 1,):
         raise ValueError(f"weights must have shape [L+1] = [{L + 1}], got {tuple(weights.shape)}")
