@@ -3,6 +3,7 @@
 // holds up only its current chunk.  (Under such a load the calls still slow ~3x, against ~1.7x with
 // OMP_WAIT_POLICY=passive: libgomp's spin-waiting, which a library cannot switch off; BENCHMARKS.md 1e.)
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -175,10 +176,22 @@ inline void basis_degrees(const SHTables& t, int L, const V& x, const V& u, cons
   }
 }
 
-constexpr double inv_factorial(int n) {
+constexpr std::array<double, 19> inverse_factorials() {
+  std::array<double, 19> t{};
   double f = 1.0;
-  for (int i = 2; i <= n; ++i) f *= i;
-  return 1.0 / f;
+  for (int n = 0; n < 19; ++n) {
+    if (n > 1) f *= n;
+    t[n] = 1.0 / f;
+  }
+  return t;
+}
+
+// 1/n0! - r2/(n0+2)! + r2^2/(n0+4)! - ... up to 1/nmax! (Horner): the tails of the sin and cos series.
+inline vd taylor_tail(const vd& r2, int n0, int nmax) {
+  static constexpr std::array<double, 19> inv = inverse_factorials();
+  vd acc = vd{} + inv[nmax];
+  for (int n = nmax - 2; n >= n0; n -= 2) acc = inv[n] - r2 * acc;
+  return acc;
 }
 
 // sin and cos of W angles with |a| <= 4 (the kernel's colatitudes and wrapped longitudes, radians), to
@@ -195,23 +208,8 @@ inline void sincos_lanes(const vd& a, vd* sin_a, vd* cos_a) {
   for (int p = 0; p < PW; ++p) k[p] = std::nearbyint(a[p] * kTwoOverPi);
   const vd r = (a - k * kPio2Hi) - k * kPio2Lo;
   const vd r2 = r * r;
-  vd ps = r2 * inv_factorial(17) - inv_factorial(15);
-  ps = ps * r2 + inv_factorial(13);
-  ps = ps * r2 - inv_factorial(11);
-  ps = ps * r2 + inv_factorial(9);
-  ps = ps * r2 - inv_factorial(7);
-  ps = ps * r2 + inv_factorial(5);
-  ps = ps * r2 - inv_factorial(3);
-  const vd sr = r + r * r2 * ps;
-  vd pc = r2 * inv_factorial(18) - inv_factorial(16);
-  pc = pc * r2 + inv_factorial(14);
-  pc = pc * r2 - inv_factorial(12);
-  pc = pc * r2 + inv_factorial(10);
-  pc = pc * r2 - inv_factorial(8);
-  pc = pc * r2 + inv_factorial(6);
-  pc = pc * r2 - inv_factorial(4);
-  pc = pc * r2 + inv_factorial(2);
-  const vd cr = 1.0 - r2 * pc;
+  const vd sr = r - r * r2 * taylor_tail(r2, 3, 17);
+  const vd cr = 1.0 - r2 * taylor_tail(r2, 2, 18);
   // quadrant q = k mod 4: (sin, cos) = (sr, cr), (cr, -sr), (-sr, -cr), (-cr, sr)
   const vl q = __builtin_convertvector(k, vl);
   const vl odd = (q & 1) != 0;
