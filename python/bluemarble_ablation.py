@@ -10,7 +10,8 @@ steps).  ``--train`` also trains models with one config field changed (``FIELD=V
 names; ``FIELD=VALUE,FIELD=VALUE`` changes several in one model) on the same embeddings and evaluates them the same way.  Each row gives % within 25 / 200 / 750 /
 2500 km on the validation region hold-out and random crops, and the mean of the eight (what the demo's
 choices maximise); paired differences from the first row are in brackets for the 750 / 2500 km cells
-of the region split.  ``--calibration`` also compares two ways of calibrating LocDiff's maps, each
+of the region split (a cluster bootstrap over the held-out tiles: crops of one tile succeed or fail
+together).  ``--calibration`` also compares two ways of calibrating LocDiff's maps, each
 fitted on one half of the validation crops and scored on the other half: one temperature for all (what
 the demo does) and one per group of queries split at a threshold on their best gallery similarity (a
 near-duplicate in the gallery: a seen place), the threshold chosen on the fitting half too.
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from locdiff_ext import LocDiff
-from locdiff_ext.datasets.bluemarble import build_dataset
+from locdiff_ext.datasets.bluemarble import build_dataset, tile_ids
 from locdiff_ext.datasets.demo import DemoConfig, embed_all, train_locdiff, validation_sets
 from locdiff_ext.evaluation import (coverage, fit_sharpness, geolocation_metrics, paired_bootstrap, reliability_levels,
                                    sharpen, truth_mass)
@@ -179,7 +180,9 @@ def main(argv=None) -> None:
                 if first is None:
                     first = pred
                 else:
-                    d = paired_bootstrap(pred, first, coords[idx], thresholds=(750, 2500), seed=cfg.seed)
+                    # crops of one held-out tile succeed or fail together: resample tiles, not crops
+                    d = paired_bootstrap(pred, first, coords[idx], thresholds=(750, 2500), seed=cfg.seed,
+                                         groups=tile_ids(data.coords[idx, 0], data.coords[idx, 1]))
                     cell += " (" + ", ".join(f"{v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]" for v in d.values()) + ")"
             cells.append(cell)
         rows.append(f"| {label} | {cells[0]} | {cells[1]} | {np.mean(accs):.1f} |")

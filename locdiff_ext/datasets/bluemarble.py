@@ -112,7 +112,9 @@ def extract_crops(centres: np.ndarray, crop_px: int = 64, out_px: int = 32,
     return out
 
 
-def _tile(lat: np.ndarray, lon: np.ndarray, tile_deg: float) -> np.ndarray:
+def tile_ids(lat: np.ndarray, lon: np.ndarray, tile_deg: float = 10.0) -> np.ndarray:
+    """Id of the tile_deg x tile_deg degree tile holding each (lat, lon): the unit of the region hold-out (and
+    of a cluster bootstrap over its crops, which succeed or fail together per tile)."""
     i = np.floor((np.clip(lat, -90, 89.999) + 90.0) / tile_deg).astype(np.int64)
     j = np.floor((np.remainder(lon + 180.0, 360.0)) / tile_deg).astype(np.int64)
     return i * 1000 + j
@@ -133,7 +135,7 @@ def split_by_region(centres: np.ndarray, crop_px: int, tile_deg: float = 10.0, e
                     seed: int = 0) -> Dict[str, np.ndarray]:
     """Index arrays {'train', 'val_region', 'val_random', 'test_region', 'test_random'} (see the module
     docstring); disjoint."""
-    tiles = _tile(centres[:, 0], centres[:, 1], tile_deg)
+    tiles = tile_ids(centres[:, 0], centres[:, 1], tile_deg)
     test_tiles = held_out_tiles(tile_deg, every, seed)
     val_tiles = held_out_tiles(tile_deg, every, seed, validation=True)
     held = np.concatenate([test_tiles, val_tiles])
@@ -142,7 +144,7 @@ def split_by_region(centres: np.ndarray, crop_px: int, tile_deg: float = 10.0, e
     touches = in_held.copy()
     for dlat in (-half, half):
         for dlon in (-half, half):  # the footprint (< one tile) touches at most its corners' tiles
-            touches |= np.isin(_tile(centres[:, 0] + dlat, centres[:, 1] + dlon, tile_deg), held)
+            touches |= np.isin(tile_ids(centres[:, 0] + dlat, centres[:, 1] + dlon, tile_deg), held)
     pool = np.random.default_rng(seed + 11).permutation(np.flatnonzero(~touches))
     n_test = int(round(len(pool) * random_test_fraction))
     n_val = int(round(len(pool) * random_val_fraction))

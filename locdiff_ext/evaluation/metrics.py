@@ -43,13 +43,15 @@ def geolocation_metrics(pred: Tensor, true: Tensor, thresholds: Sequence[float] 
 
 
 def paired_bootstrap(pred_a: Tensor, pred_b: Tensor, true: Tensor, thresholds: Sequence[float] = (200, 750, 2500),
-                     n_boot: int = 2000, seed: int = 0) -> Dict[str, Tuple[float, float, float]]:
+                     n_boot: int = 2000, seed: int = 0, groups=None) -> Dict[str, Tuple[float, float, float]]:
     """How much more often method a lands within each threshold than method b on the same test items:
     {'acc_750km': (difference in percentage points, 95% interval low, high)}.
 
     Why: gaps of a point or two between methods on a thousand test items are within sampling noise;
     resampling the items (the same draw for both methods: a paired bootstrap) says which gaps are not.
-    NaN predictions are misses, as in geolocation_metrics."""
+    NaN predictions are misses, as in geolocation_metrics.  ``groups`` [N] (ints, e.g. the map tile of
+    each item): resample whole groups instead of items (a cluster bootstrap), for items that succeed or
+    fail together; items from a few dozen tiles are far fewer independent draws than their count."""
     pred_a, pred_b, true = (torch.as_tensor(x) for x in (pred_a, pred_b, true))
     if not (pred_a.shape == pred_b.shape == true.shape) or true.dim() != 2 or true.shape[-1] != 2:
         raise ValueError(f"pred_a, pred_b and true must all have shape [N, 2], got {tuple(pred_a.shape)}, "
@@ -59,11 +61,22 @@ def paired_bootstrap(pred_a: Tensor, pred_b: Tensor, true: Tensor, thresholds: S
     check_int(n_boot, "n_boot", 1)
     da, db = great_circle_km(pred_a, true), great_circle_km(pred_b, true)  # NaN <= t is False: a miss
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, true.shape[0], (n_boot, true.shape[0]), generator=gen)
+    if groups is None:
+        member = torch.arange(true.shape[0])
+    else:
+        groups = torch.as_tensor(groups)
+        if groups.shape != (true.shape[0],) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+            raise ValueError(f"groups must hold one integer per item [{true.shape[0]}], got {tuple(groups.shape)} "
+                             f"{groups.dtype}")
+        member = torch.unique(groups, return_inverse=True)[1]
+    G = int(member.max()) + 1
+    count = torch.bincount(member, minlength=G).double()
+    idx = torch.randint(0, G, (n_boot, G), generator=gen)
     out = {}
     for t in thresholds:
         diff = 100.0 * ((da <= t).double() - (db <= t).double())
-        boot = diff[idx].mean(dim=1)
+        total = torch.zeros(G, dtype=torch.float64).index_add_(0, member, diff)
+        boot = total[idx].sum(dim=1) / count[idx].sum(dim=1)
         lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out[f"acc_{t:g}km"] = (float(diff.mean()), lo, hi)
     return out

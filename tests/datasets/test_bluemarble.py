@@ -30,9 +30,9 @@ def test_crops_are_centred_on_their_labels_and_splits_do_not_leak():
     half = 32 * bm.DEG_PER_PX
     for dlat in (-half, 0, half):  # no pixel of a held-out tile in any training crop
         for dlon in (-half, 0, half):
-            tiles = bm._tile(centres[s["train"], 0] + dlat, centres[s["train"], 1] + dlon, 10.0)
+            tiles = bm.tile_ids(centres[s["train"], 0] + dlat, centres[s["train"], 1] + dlon, 10.0)
             assert not np.isin(tiles, held).any()
-    assert np.isin(bm._tile(centres[s["test_region"], 0], centres[s["test_region"], 1], 10.0), test_tiles).all()
-    assert np.isin(bm._tile(centres[s["val_region"], 0], centres[s["val_region"], 1], 10.0), val_tiles).all()
+    assert np.isin(bm.tile_ids(centres[s["test_region"], 0], centres[s["test_region"], 1], 10.0), test_tiles).all()
+    assert np.isin(bm.tile_ids(centres[s["val_region"], 0], centres[s["val_region"], 1], 10.0), val_tiles).all()
     for name in ("val_random", "test_random"):  # seen places: in no held-out tile
-        assert not np.isin(bm._tile(centres[s[name], 0], centres[s[name], 1], 10.0), held).any()
+        assert not np.isin(bm.tile_ids(centres[s[name], 0], centres[s[name], 1], 10.0), held).any()

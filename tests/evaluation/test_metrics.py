@@ -52,3 +52,25 @@ def test_paired_bootstrap_differences_and_intervals():
         paired_bootstrap(a[:0], b[:0], true[:0])
     with pytest.raises(ValueError, match="n_boot"):
         paired_bootstrap(a, b, true, n_boot=0)
+
+
+def test_paired_bootstrap_over_groups():
+    """Items that succeed or fail together (crops of one map tile) are one draw: resampling whole groups
+    widens the interval; singleton groups are the item bootstrap."""
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    true = torch.stack([torch.rand(n, generator=g) * 120 - 60, torch.rand(n, generator=g) * 300 - 150], -1).double()
+    far = true + torch.tensor([0.0, 10.0], dtype=torch.float64) / torch.cos(torch.deg2rad(true[:, :1]))
+    tiles = torch.arange(n) // 40  # 10 tiles of 40 items
+    a = torch.where((tiles % 2 == 0)[:, None], true, far)  # a is right on the even tiles, b on tiles 0-3
+    b = torch.where((tiles < 4)[:, None], true, far)
+    items = paired_bootstrap(a, b, true, thresholds=(200,))["acc_200km"]
+    tiled = paired_bootstrap(a, b, true, thresholds=(200,), groups=tiles)["acc_200km"]
+    assert items[0] == tiled[0] == pytest.approx(10.0)
+    assert items[1] > 0.0 and tiled[1] < 0.0 < tiled[2]  # a win over items, a tie over tiles
+    alone = paired_bootstrap(a, b, true, thresholds=(200,), groups=torch.arange(n) * 7)["acc_200km"]
+    assert alone == pytest.approx(items)
+    with pytest.raises(ValueError, match="groups"):
+        paired_bootstrap(a, b, true, groups=torch.zeros(n))
+    with pytest.raises(ValueError, match="groups"):
+        paired_bootstrap(a, b, true, groups=tiles[:10])
