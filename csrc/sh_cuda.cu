@@ -51,10 +51,15 @@ struct DeviceTables {
   }
 };
 
+// The double tables of a host-side SHTables view (what the decoder's kernels receive).
+__host__ __device__ inline Tab<double> tab_view(const SHTables& t) {
+  return Tab<double>{t.a, t.b, t.sect, t.logsect};
+}
+
 template <typename C>
 Tab<C> tab_of(const DeviceTables& dt);
 template <>
-Tab<double> tab_of<double>(const DeviceTables& dt) { return Tab<double>{dt.a, dt.b, dt.sect, dt.logsect}; }
+Tab<double> tab_of<double>(const DeviceTables& dt) { return tab_view(dt.view()); }
 template <>
 Tab<float> tab_of<float>(const DeviceTables& dt) { return Tab<float>{dt.fa, dt.fb, dt.fsect, dt.flogsect}; }
 
@@ -268,10 +273,6 @@ __device__ void ring_legendre(const T* __restrict__ c, int L, const Tab<C>& tab,
     gc[m] = ac;
     gs[m] = as;
   }
-}
-
-__host__ __device__ inline Tab<double> tab_view(const SHTables& t) {
-  return Tab<double>{t.a, t.b, t.sect, t.logsect};
 }
 
 template <typename T, typename C>

@@ -28,8 +28,8 @@ import torch
 from locdiff_ext import LocDiff
 from locdiff_ext.datasets.bluemarble import build_dataset, tile_ids
 from locdiff_ext.datasets.demo import DemoConfig, embed_all, train_locdiff, validation_sets
-from locdiff_ext.evaluation import (coverage, fit_sharpness, geolocation_metrics, paired_bootstrap, reliability_levels,
-                                   sharpen, truth_mass)
+from locdiff_ext.evaluation import (cell_areas_km2, coverage, coverage_gap, fit_sharpness, geolocation_metrics,
+                                   paired_bootstrap, sharpen)
 from locdiff_ext.kernels.geometry import unit_rows
 
 INFERENCE = [  # (label, predict keyword arguments); the first is the saved model's default
@@ -85,20 +85,18 @@ def training_prior(train_coords: torch.Tensor, L: int, shape) -> np.ndarray:
     covers places no training crop comes from."""
     from locdiff_ext import sh_synthesis, shdd_encode
     f = sh_synthesis(shdd_encode(train_coords.double(), L).mean(0, keepdim=True), *shape)[0].numpy()
-    f = np.maximum(f, 0.01 * f.max()) * np.cos(np.deg2rad(90 - (np.arange(shape[0]) + 0.5) * 180 / shape[0]))[:, None]
+    f = np.maximum(f, 0.01 * f.max()) * cell_areas_km2(*shape)[:, None]
     return f / f.sum()
 
 
 def fit_mixture(maps, truths, prior) -> tuple:
     """(s, alpha): the exponent of ``sharpen`` and the weight of the prior in (1 - alpha) sharpen(m, s) + alpha
     prior whose coverage gap (mean over 5%..95%, pooled) is smallest."""
-    levels = np.array(reliability_levels())
     best = None
     for s in (0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0):
         sharp = sharpen(maps, s)
         for alpha in (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5):
-            q = truth_mass((1 - alpha) * sharp + alpha * prior[None], truths)
-            gap = float(np.abs((q[None, :] < levels[:, None]).mean(axis=1) - levels).mean())
+            gap = coverage_gap((1 - alpha) * sharp + alpha * prior[None], truths)
             if best is None or gap < best[0] - 1e-12:
                 best = (gap, s, alpha)
     return best[1:]
@@ -120,7 +118,7 @@ def calibration_experiment(model, q, truth, seed: int, prior: np.ndarray) -> lis
     s_one = fit_sharpness(fit["maps"], fit["truth"])
     rule = fit_gated(fit["maps"], fit["truth"], fit["gate"])
     s_mix, alpha = fit_mixture(fit["maps"], fit["truth"], prior)
-    uniform = np.cos(np.deg2rad(90 - (np.arange(prior.shape[0]) + 0.5) * 180 / prior.shape[0]))[:, None] * np.ones(prior.shape)
+    uniform = cell_areas_km2(*prior.shape)[:, None] * np.ones(prior.shape)
     uniform /= uniform.sum()
     s_uni, a_uni = fit_mixture(fit["maps"], fit["truth"], uniform)
     rows = [f"Calibration rules fitted on half of the validation crops: one temperature s={s_one:g}; gated: "

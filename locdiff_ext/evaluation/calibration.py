@@ -154,16 +154,22 @@ def truth_mass(prob_maps, truths) -> np.ndarray:
     return (flat_m * (flat_d > flat_d[np.arange(N), cell][:, None])).sum(axis=1)
 
 
+def coverage_gap(prob_maps, truths, levels: Sequence[float] = None) -> float:
+    """Mean over ``levels`` (default 0.05 .. 0.95) of |share of truths inside the p region - p|, from
+    ``truth_mass``: 0 for perfectly calibrated maps; what the calibration fits minimise."""
+    levels = np.array([_check_level(p) for p in (levels or reliability_levels())])
+    q = truth_mass(prob_maps, truths)
+    return float(np.abs((q[None, :] < levels[:, None]).mean(axis=1) - levels).mean())
+
+
 def fit_sharpness(prob_maps, truths, levels: Sequence[float] = None, candidates: Sequence[float] = None) -> float:
     """The exponent s of ``sharpen`` (among ``candidates``, default 1/8 .. 8 in 41 geometric steps, and 1)
     whose maps' coverage is closest to the nominal levels (mean absolute gap over ``levels``, default
     0.05 .. 0.95): fit on validation data, then apply to test maps and to the model."""
-    levels = np.array([_check_level(p) for p in (levels or reliability_levels())])
     cands = sorted(set(np.round(np.geomspace(0.125, 8.0, 41), 4).tolist()) | {1.0}) if candidates is None else candidates
     best = None
     for s in cands:
-        q = truth_mass(sharpen(prob_maps, s), truths)
-        gap = float(np.abs((q[None, :] < levels[:, None]).mean(axis=1) - levels).mean())
+        gap = coverage_gap(sharpen(prob_maps, s), truths, levels)
         if best is None or gap < best[0] - 1e-12:
             best = (gap, float(s))
     return best[1]
