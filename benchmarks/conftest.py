@@ -1,12 +1,15 @@
 """Shared set-up for the benchmark suites: same thread count for every implementation, fixed data."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from locdiff_ext import _C
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # shared helpers (ducc_reference); importlib mode adds none
 
 THREADS = _C.num_threads()
 torch.set_num_threads(THREADS)

@@ -9,44 +9,18 @@ from a Python loop (its alm argument holds components, not a batch), with the sa
 Run:  pytest benchmarks/test_bench_synthesis.py --benchmark-json=bench_synthesis.json
 """
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 import locdiff_ext as ld
-from locdiff_ext.kernels._loader import _C
 
-THREADS = _C.num_threads()  # what benchmarks/conftest.py gives every implementation
+pytest.importorskip("ducc0", reason="ducc0 is not installed (pip install '.[bench]')")
 
-ducc0 = pytest.importorskip("ducc0", reason="ducc0 is not installed (pip install '.[bench]')")
+from ducc_reference import ducc_maps, to_ducc_alm  # noqa: E402  (after the skip: it imports ducc0)
 
 DEGREES = [32, 64, 128]
 BATCHES = [64, 256]
-
-
-def to_ducc_alm(c: np.ndarray, L: int) -> np.ndarray:
-    """Real coefficients [B, (L+1)^2] (column l*l + l + m) -> ducc0/healpy complex alm [B, nalm]."""
-    B = c.shape[0]
-    nalm = (L + 1) * (L + 2) // 2
-    alm = np.zeros((B, nalm), dtype=np.complex128)
-    for m in range(L + 1):
-        ls = np.arange(m, L + 1)
-        idx = m * (2 * L + 1 - m) // 2 + ls
-        if m == 0:
-            alm[:, idx] = c[:, ls * ls + ls]
-        else:
-            alm[:, idx] = (-1) ** m * (c[:, ls * ls + ls + m] - 1j * c[:, ls * ls + ls - m]) / math.sqrt(2)
-    return alm
-
-
-def ducc_maps(alm: np.ndarray, L: int, nlat: int, nlon: int) -> np.ndarray:
-    out = np.empty((alm.shape[0], nlat, nlon), dtype=np.float64 if alm.dtype == np.complex128 else np.float32)
-    for b in range(alm.shape[0]):
-        ducc0.sht.synthesis_2d(alm=alm[b:b + 1], spin=0, lmax=L, geometry="F1", ntheta=nlat, nphi=nlon,
-                               phi0=-math.pi + math.pi / nlon, nthreads=THREADS, map=out[b:b + 1])
-    return out
 
 
 @pytest.fixture(params=[(d, L, B) for d in (torch.float64, torch.float32) for L in DEGREES for B in BATCHES],

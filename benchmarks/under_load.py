@@ -2,14 +2,17 @@
 
 Times sh_basis (N = 20,000, L = 20, float64) and sphericart side by side, 15 interleaved calls each, first on
 an idle machine, then while as many busy-looping processes as there are cores compete for them (as a
-DataLoader or a second job would); then sh_synthesis (B = 64, L = 64) and shdd_decode (B = 64, L = 32, geolocate's decoder). Also the first call of a fresh
-process (import and first sh_basis). No environment variable is set: this is what users get.
+DataLoader or a second job would); then shdd_decode (B = 64, L = 32, geolocate's decoder) and sh_synthesis
+(B = 64, L = 32, 64, 128) beside ducc0's synthesis_2d (one call per map, as in test_bench_synthesis.py; given
+our kernels' thread count, and one thread) where ducc0 is installed.  Also the first call of a fresh process (import and first sh_basis).  No environment
+variable is set: this is what users get.
 
 Run:  python benchmarks/under_load.py
 """
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import statistics
@@ -55,10 +58,19 @@ def cases():
         fns["sphericart L=20"] = lambda: sph.compute(xyz)
     except ImportError:
         pass
-    x = torch.randn(64, 65 ** 2, generator=g, dtype=torch.float64)
-    fns["locdiff sh_synthesis B=64 L=64"] = lambda: ld.sh_synthesis(x, 130, 260)
     y = ld.shdd_encode(pts[:64], 32)
     fns["locdiff shdd_decode B=64 L=32"] = lambda: ld.shdd_decode(y)
+    ducc_maps = None
+    if importlib.util.find_spec("ducc0") is not None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ducc_reference import ducc_maps, to_ducc_alm
+    for L in (32, 64, 128):
+        x = torch.randn(64, (L + 1) ** 2, generator=g, dtype=torch.float64)
+        fns[f"locdiff sh_synthesis B=64 L={L}"] = lambda x=x, L=L: ld.sh_synthesis(x, 2 * L + 2, 4 * L + 4)
+        if ducc_maps is not None:
+            alm = to_ducc_alm(x.numpy(), L)
+            fns[f"ducc0 synthesis_2d B=64 L={L}"] = lambda a=alm, L=L: ducc_maps(a, L, 2 * L + 2, 4 * L + 4)
+            fns[f"ducc0 1 thread B=64 L={L}"] = lambda a=alm, L=L: ducc_maps(a, L, 2 * L + 2, 4 * L + 4, 1)
     return fns
 
 
@@ -88,6 +100,12 @@ def main() -> None:
     print("\n| call | idle median (ms) | under load (ms) | load / idle |\n|---|---:|---:|---:|")
     for k in fns:
         print(f"| {k} | {idle[k]:.2f} | {loaded[k]:.2f} | {loaded[k] / idle[k]:.1f}x |")
+    pairs = [(k, k.replace("locdiff sh_synthesis", "ducc0 synthesis_2d")) for k in fns if "sh_synthesis" in k]
+    pairs = [(ours, theirs) for ours, theirs in pairs if theirs in fns]
+    if pairs:
+        print("\n| synthesis | ducc0 / locdiff idle | ducc0 / locdiff under load |\n|---|---:|---:|")
+        for ours, theirs in pairs:
+            print(f"| {ours.split(' ', 2)[2]} | {idle[theirs] / idle[ours]:.2f}x | {loaded[theirs] / loaded[ours]:.2f}x |")
 
 
 if __name__ == "__main__":

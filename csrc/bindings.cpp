@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "kernels.h"
+#include "threads.h"
 #include "sh_math.h"
 
 namespace py = pybind11;
@@ -94,6 +95,10 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   m.def("num_threads", &locdiff::cpu::max_threads, "OpenMP threads the CPU kernels use");
+  m.def("region_threads", &locdiff::region_threads,
+        "Threads the next CPU kernel region uses: num_threads() less the cores other processes occupy now");
+  m.def("threads_for_load", &locdiff::threads_for_load, py::arg("team"), py::arg("cpus"), py::arg("online"),
+        py::arg("runnable"), py::arg("own_runnable"), "region_threads()'s rule on given counts (for tests)");
 
   m.def("_debug_eval", [](uintptr_t coeffs, int L, double theta, double phi, int method) {
     double o[6];

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -92,8 +93,28 @@ def _check_coord_values(coords: Tensor) -> None:
 
 
 def _check_finite(x: Tensor, name: str) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if x.numel() and not _all_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+# Checks of CPU data run in numpy (zero-copy views): single-threaded and 5-10x faster than the torch
+# reductions they replace (torch.isfinite(x).all(): 126 us vs 19 us on [64, 1089] float64), and free of
+# the OpenMP fork-join that stalls a call for a scheduler time slice when another process holds the
+# cores (BENCHMARKS 1e).
+
+
+def _all_finite(x: Tensor) -> bool:
+    if x.device.type == "cpu":
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
+
+
+def _row_absmax(x: Tensor) -> Tensor:
+    """max |x| per row of a [B, K] tensor, as [B, 1]; NaN where a row holds a NaN, inf where an inf."""
+    if x.device.type == "cpu":
+        a = x.detach().numpy()
+        return torch.from_numpy(np.maximum(a.max(axis=1), -a.min(axis=1))[:, None])
+    return torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
 
 
 def _threads() -> int:
@@ -305,7 +326,7 @@ def _synthesis_adjoint_matmul(grad: Tensor, L: int) -> Tensor:
 def _decode_impl(coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int,
                  min_separation: float) -> Tuple[Tensor, Tensor]:
     B, K = coeffs.shape
-    amax = torch.linalg.vector_norm(coeffs, float("inf"), dim=-1, keepdim=True)  # NaN/inf rows give NaN/inf
+    amax = _row_absmax(coeffs) if B and K else coeffs.new_zeros((B, 1))  # NaN/inf rows give NaN/inf
     if B and not bool(torch.isfinite(amax).all()):
         raise ValueError("coeffs contains NaN or infinite values")
     coeffs, scale = _scale_rows(coeffs, amax)

@@ -59,6 +59,13 @@ def test_torch_compile_inductor_with_grad():
 GOOD = torch.zeros(3, 2, dtype=torch.float64)
 
 
+def _one_bad(value: float, dtype=torch.float64) -> torch.Tensor:
+    """Five rows of degree-2 coefficients, one entry of row 3 set to ``value`` (NaN or inf)."""
+    x = torch.randn(5, 9, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    x[3, 4] = value
+    return x
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [
@@ -84,9 +91,13 @@ GOOD = torch.zeros(3, 2, dtype=torch.float64)
         (lambda: ld.sh_synthesis(torch.zeros(2, 9), 0, 8), ValueError, "nlat"),
         (lambda: ld.sh_synthesis(torch.zeros(2, 9), 4, -1), ValueError, "nlon"),
         (lambda: ld.sh_synthesis(torch.full((1, 9), float("nan")), 4, 8), ValueError, "coeffs"),
+        (lambda: ld.sh_synthesis(_one_bad(float("inf")), 4, 8), ValueError, "coeffs"),
+        (lambda: ld.sh_synthesis(_one_bad(float("nan"), torch.float32), 4, 8), ValueError, "coeffs"),
         (lambda: ld.sh_synthesis(torch.zeros(1, 9), 10**6, 10**6), ValueError, "GiB"),
         (lambda: ld.shdd_decode(torch.zeros(2, 10)), ValueError, "coeffs"),
         (lambda: ld.shdd_decode(torch.full((1, 9), float("nan"))), ValueError, "coeffs"),
+        (lambda: ld.shdd_decode(_one_bad(-float("inf"))), ValueError, "coeffs"),
+        (lambda: ld.shdd_decode(_one_bad(float("nan"), torch.float32)), ValueError, "coeffs"),
         (lambda: ld.shdd_decode(torch.zeros(1, 9), top_k=0), ValueError, "top_k"),
         (lambda: ld.shdd_decode(torch.zeros(1, 9), top_k=3, candidates=2), ValueError, "candidates"),
         (lambda: ld.shdd_decode(torch.zeros(1, 9), min_separation_km=-1.0), ValueError, "min_separation_km"),
