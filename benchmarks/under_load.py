@@ -3,9 +3,9 @@
 Times sh_basis (N = 20,000, L = 20, float64) and sphericart side by side, 15 interleaved calls each, first on
 an idle machine, then while as many busy-looping processes as there are cores compete for them (as a
 DataLoader or a second job would); then shdd_decode (B = 64, L = 32, geolocate's decoder) and sh_synthesis
-(B = 64, L = 32, 64, 128) beside ducc0's synthesis_2d (one call per map, as in test_bench_synthesis.py; given
-our kernels' thread count, and one thread) where ducc0 is installed.  Also the first call of a fresh process (import and first sh_basis).  No environment
-variable is set: this is what users get.
+(B = 64, L = 32, 64, 128) beside ducc0's synthesis_2d where ducc0 is installed (one call per map, as in
+test_bench_synthesis.py, given our kernels' thread count, and given one thread).  Also the first call of a
+fresh process (import and first sh_basis).  No environment variable is set: this is what users get.
 
 Run:  python benchmarks/under_load.py
 """
