@@ -105,7 +105,8 @@ def main() -> None:
     if pairs:
         print("\n| synthesis | ducc0 / locdiff idle | ducc0 / locdiff under load |\n|---|---:|---:|")
         for ours, theirs in pairs:
-            print(f"| {ours.split(' ', 2)[2]} | {idle[theirs] / idle[ours]:.2f}x | {loaded[theirs] / loaded[ours]:.2f}x |")
+            case = ours.split(" ", 2)[2]
+            print(f"| {case} | {idle[theirs] / idle[ours]:.2f}x | {loaded[theirs] / loaded[ours]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -513,8 +513,8 @@ def shdd_decode(
     """Mode-seeking SHDD decoder: the ``top_k`` largest local maxima of f = sum c_lm Y_lm per row.
 
     Synthesises f on a coarse grid (default ``nlat = 2L+2`` rings by ``nlon = 2 nlat``: steps of half
-    the main-lobe width pi/(L+1); ``decode_grid_limits`` gives the allowed range), keeps the best ``candidates`` local maxima (default 2*top_k+2), refines each with
-    trust-region Newton steps on the sphere (analytic derivatives; ``refine=False`` returns grid
+    the main-lobe width pi/(L+1); ``decode_grid_limits`` gives the allowed range), keeps the best
+    ``candidates`` local maxima (default 2*top_k+2), refines each with trust-region Newton steps on the sphere (analytic derivatives; ``refine=False`` returns grid
     points), and keeps modes at least ``min_separation_km`` apart (default: the main-lobe width
     pi/(L+1) of arc).  Returns coords [..., top_k, 2] (lat, lon degrees, lon in [-180, 180)) and
     scores [..., top_k] (f at the mode).  Rows with fewer distinct maxima than top_k are padded
