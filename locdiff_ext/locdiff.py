@@ -137,6 +137,25 @@ def input_seeds(rows: Tensor, seed: int) -> list:
     return [int.from_bytes(hashlib.sha256(prefix + r.tobytes()).digest()[:8], "little") >> 1 for r in flat]
 
 
+class _SampleGroups:
+    """The CS-UNet as the samplers call it while sampling: an input's samples are consecutive rows that share
+    its condition, so FiLM and the condition path run once per input (CSUNet.forward's ``repeats``), and
+    guidance runs as CSUNet.forward_guided."""
+
+    def __init__(self, net: CSUNet, samples: int):
+        self.net, self.samples = net, samples
+
+    @property
+    def training(self) -> bool:
+        return self.net.training
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Optional[Tensor], drop_mask: Optional[Tensor] = None) -> Tensor:
+        return self.net(x, t, cond, drop_mask, repeats=self.samples)
+
+    def forward_guided(self, x: Tensor, t: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+        return self.net.forward_guided(x, t, cond, guidance_scale, repeats=self.samples)
+
+
 class LocDiff(nn.Module):
     """The LocDiff model.  ``predict`` runs inference on embeddings or images; ``training_loss``
     is what ``locdiff_ext.train`` minimises.  Attributes are the state-dict prefixes of saved models
@@ -328,16 +347,12 @@ class LocDiff(nn.Module):
                              "(its unconditional branch is untrained)")
         B = cond.shape[0]
         rep = self._net_condition(cond).repeat_interleave(num_samples, dim=0)
-        net = self.net
-
-        def model(x, t, c, drop_mask=None):  # an input's samples share its condition: FiLM etc. once per input
-            return net(x, t, c, drop_mask, repeats=num_samples)
-
         was_training = self.net.training
         self.net.eval()
         try:
-            x = self._sampler(steps).sample(model, rep, (B * num_samples, self.shdd.dim), generator=generator,
-                                            device=cond.device, dtype=torch.float32, guidance_scale=g)
+            x = self._sampler(steps).sample(_SampleGroups(self.net, num_samples), rep, (B * num_samples, self.shdd.dim),
+                                            generator=generator, device=cond.device, dtype=torch.float32,
+                                            guidance_scale=g)
         finally:
             self.net.train(was_training)
         return x.reshape(B, num_samples, -1)

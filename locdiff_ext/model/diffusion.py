@@ -71,10 +71,14 @@ class NoiseSchedule(nn.Module):
 
 def guided(model: Callable, guidance_scale: float) -> Callable:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), the unconditional branch being the model
-    called with cond=None (the model's learned null condition).  A model that takes ``drop_mask`` (the
-    CS-UNet) runs both branches as one batch of 2B rows: one forward pass instead of two."""
+    called with cond=None (the model's learned null condition).  A model in evaluation mode with a
+    ``forward_guided(x, t, cond, s)`` (the CS-UNet) computes the mixture itself, sharing what the branches
+    share; one that takes ``drop_mask`` runs both branches as one batch of 2B rows."""
     if guidance_scale == 1.0:
         return model
+    pair = getattr(model, "forward_guided", None)
+    if pair is not None and not getattr(model, "training", False):
+        return lambda x, t, cond: model(x, t, None) if cond is None else pair(x, t, cond, guidance_scale)
     try:
         batched = "drop_mask" in inspect.signature(getattr(model, "forward", model)).parameters
     except (TypeError, ValueError):

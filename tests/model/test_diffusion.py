@@ -104,17 +104,23 @@ def test_dpm_solver_follows_the_probability_flow_with_fewer_steps():
     assert err_dpm < 0.5 * err_ddim, (err_dpm, err_ddim)
 
 
-def test_guidance_runs_both_branches_in_one_batch():
-    """A CS-UNet (it takes drop_mask) gets one forward of 2B rows; the result equals two separate calls."""
-    net = CSUNet(CSUNetConfig(dim=16, cond_dim=6, widths=(32, 16), time_dim=16)).eval()
+def test_guidance_runs_both_branches_in_one_pass():
+    """A CS-UNet in evaluation mode mixes the branches itself (forward_guided: no forward call); in training
+    mode it gets one forward of 2B rows (drop_mask); both equal two separate calls."""
+    net = CSUNet(CSUNetConfig(dim=16, cond_dim=6, widths=(32, 16), time_dim=16, dropout=0.0)).eval()
     calls = []
     net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     x, t, c = torch.randn(5, 16), torch.full((5,), 300), torch.randn(5, 6)
     with torch.no_grad():
         one = guided(net, 2.5)(x, t, c)
+        assert calls == []
+        net.train()
+        batched = guided(net, 2.5)(x, t, c)
         assert calls == [10]
+        net.eval()
         two = guided(lambda a, b, cond: net(a, b, cond), 2.5)(x, t, c)
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, two, rtol=1e-5, atol=1e-5)
 
 
 def test_unconditional_model_learns_clusters():

@@ -54,3 +54,28 @@ def test_groups_of_rows_sharing_a_condition_give_the_same_output(prior_dim):
                 torch.testing.assert_close(net(x, t, c, d, repeats=S), net(x, t, c, d), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="repeats"):
         net(x, t, cond, repeats=3)
+
+
+@pytest.mark.parametrize("prior_dim", [0, 2 * 81])
+@pytest.mark.parametrize("S", [1, 4])
+def test_guided_pass_equals_the_two_branches_mixed(prior_dim, S):
+    """forward_guided shares the input product and the output layer between the branches: the same
+    out_u + s (out_c - out_u) as two passes (conditional; null condition, no prior) mixed by lerp."""
+    torch.manual_seed(1)
+    net = CSUNet(CSUNetConfig(dim=81, cond_dim=32, widths=(64, 32, 16), prior_dim=prior_dim)).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    R = 5
+    cond = torch.randn(R, 32 + prior_dim).repeat_interleave(S, 0)
+    x, t = torch.randn(R * S, 81), torch.randint(0, 1000, (R,)).repeat_interleave(S)
+    with torch.no_grad():
+        for s in (2.0, 0.5):
+            expected = torch.lerp(net(x, t, None), net(x, t, cond), s)
+            torch.testing.assert_close(net.forward_guided(x, t, cond, s, repeats=S), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="repeats"):
+        net.forward_guided(x, t, cond, 2.0, repeats=3)
+    with pytest.raises(ValueError, match="cond"):
+        net.forward_guided(x, t, cond[:, :7], 2.0, repeats=S)
+    net.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        net.forward_guided(x, t, cond, 2.0, repeats=S)
