@@ -1,8 +1,8 @@
 // CUDA kernels.  Work is spread over orders m (one thread per m of a point, ring or candidate)
 // rather than one thread per point, so that writes of a degree's row are coalesced and a warp
 // shares one point's recurrence.  Arithmetic in double, outputs in T; except that sh_basis and
-// sh_synthesis with float32 data up to degree kFloatComputeMaxL run their recurrences and sums in
-// float (compute type C): consumer GPUs run double at 1/32-1/64 of the float rate.  Angles are still
+// sh_synthesis with float32 data up to degrees kFloatBasisMaxL / kFloatSynthesisMaxL run their
+// recurrences and sums in float (compute type C): consumer GPUs run double at 1/32-1/64 of the float rate.  Angles are still
 // formed and reduced in double (a few operations per thread), so only the recurrence rounds in float.
 #include <cuda_runtime.h>
 
@@ -28,9 +28,14 @@ void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("locdiff CUDA error in ") + what + ": " + cudaGetErrorString(err));
 }
 
-// Highest degree whose float32 sh_basis / sh_synthesis compute in float (tests: within 1e-5 of the
-// float64 reference, tests/kernels/test_cuda.py); above it they compute in double like float64 data.
-constexpr int kFloatComputeMaxL = 64;
+// Highest degrees whose float32 sh_basis / sh_synthesis compute in float; above them they compute in
+// double like float64 data.  Chosen from a float emulation of these kernels on the CPU
+// (benchmarks/cuda_float_emulation.py, BENCHMARKS.md 1g): the float recurrence's error grows with L
+// (cos(theta) rounded to float near the poles, the rounded recurrence coefficients) and stays within
+// 1e-5 (basis: absolute; synthesis: relative to the map's largest value) only up to about L = 16 for
+// the basis (5e-6) and L = 48 for synthesis (9e-6; 32 kept, 5e-6, for margin).  At L = 64: 1e-4, 2e-5.
+constexpr int kFloatBasisMaxL = 16;
+constexpr int kFloatSynthesisMaxL = 32;
 
 // The recurrence tables in compute type C (the float copy for the float32 compute path).
 template <typename C>
@@ -537,9 +542,9 @@ bool available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-// float32 data up to kFloatComputeMaxL: compute in float.
+// float32 data up to max_l: compute in float.
 template <typename T>
-bool float_compute(int L) { return sizeof(T) == sizeof(float) && L <= kFloatComputeMaxL; }
+bool float_compute(int L, int max_l) { return sizeof(T) == sizeof(float) && L <= max_l; }
 
 template <typename T>
 void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights, void* stream) {
@@ -548,7 +553,7 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights, void*
   const int team = team_size(L);
   const int per_block = kThreads / team;
   const int64_t blocks = (n + per_block - 1) / per_block;
-  if (float_compute<T>(L))
+  if (float_compute<T>(L, kFloatBasisMaxL))
     basis_kernel<T, float><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(coords, out, n, L, weights,
                                                                                  tab_of<float>(dt), team);
   else
@@ -575,7 +580,7 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   if (batch == 0 || nlat == 0 || nlon == 0) return;
   const DeviceTables& dt = device_table_set(L, current_device());
   const size_t smem = sizeof(double) * 2 * (L + 1);
-  if (float_compute<T>(L))
+  if (float_compute<T>(L, kFloatSynthesisMaxL))
     synthesis_kernel<T, float><<<(unsigned)(batch * nlat), kThreads, smem, (cudaStream_t)stream>>>(
         coeffs, out, batch, L, nlat, nlon, tab_of<float>(dt));
   else

@@ -16,9 +16,10 @@ def test_build_reports_cuda():
     assert ld.has_cuda()
 
 
-@pytest.mark.parametrize("L", [0, 1, 5, 20, 31, 32, 64, 200])
+@pytest.mark.parametrize("L", [0, 1, 5, 16, 17, 20, 31, 32, 64, 200])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_basis_cuda_matches_cpu_and_reference(L, dtype):
+    """float32 up to L = 16 computes in float (csrc/sh_cuda.cu: within 1e-5 of float64), in double above."""
     c = random_coords(300, seed=L).to(dtype)
     gpu = ld.sh_basis(c.cuda(), L)
     assert gpu.device.type == "cuda" and gpu.dtype == dtype
@@ -28,7 +29,8 @@ def test_basis_cuda_matches_cpu_and_reference(L, dtype):
         assert ((gpu.cpu() - ref).abs().max() / ref.abs().max()).item() <= 1e-10
     else:
         assert (gpu.cpu().double() - ref).abs().max().item() <= 1e-5
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5 if dtype == torch.float32 else 1e-11, atol=1e-6)
+    f32 = dtype == torch.float32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5 if f32 else 1e-11, atol=1e-5 if f32 and L <= 16 else 1e-6)
 
 
 def test_basis_cuda_L1000_finite():
@@ -62,13 +64,14 @@ def test_backward_cuda_matches_cpu():
     assert torch.autograd.gradcheck(lambda t: ld.sh_basis(t, 8), (x,))
 
 
-@pytest.mark.parametrize("L,nlat,nlon", [(0, 3, 5), (8, 10, 20), (33, 34, 68), (64, 130, 260)])
+@pytest.mark.parametrize("L,nlat,nlon", [(0, 3, 5), (8, 10, 20), (32, 66, 132), (33, 34, 68), (64, 130, 260)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_synthesis_cuda(L, nlat, nlon, dtype):
-    c = torch.randn(4, (L + 1) ** 2, dtype=torch.float64)
-    out = ld.sh_synthesis(c.to(dtype).cuda(), nlat, nlon)
-    ref = sh_synthesis_ref(c, nlat, nlon)
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    """float32 up to L = 32 computes in float (within 1e-5 of the map's largest value), in double above."""
+    c = torch.randn(4, (L + 1) ** 2, dtype=torch.float64).to(dtype)
+    out = ld.sh_synthesis(c.cuda(), nlat, nlon)
+    ref = sh_synthesis_ref(c.double(), nlat, nlon)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert (out.cpu().double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
 
