@@ -1,8 +1,8 @@
 """The CPU kernels' parallel regions: results independent of the thread count and of calls from several
 Python threads at once (errors raised inside a region: tests/kernels/test_limits.py)."""
 
-import multiprocessing as mp
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +49,6 @@ def test_calls_from_several_python_threads_at_once():
             assert torch.equal(fut.result(timeout=120), expected[i])
 
 
-
 # ----------------------------------------------------------------------------- threads under a load
 
 
@@ -69,11 +68,6 @@ def test_thread_rule_leaves_the_cores_other_processes_hold():
     assert rule(team=4, cpus=4, online=4, runnable=0, own_runnable=0) == 4  # unreadable counts
 
 
-def _busy(stop):
-    while not stop.is_set():
-        pass
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the load is read from /proc (Linux)")
 def test_kernels_use_fewer_threads_while_other_processes_hold_the_cores():
     cpus = len(os.sched_getaffinity(0))
@@ -89,11 +83,8 @@ def test_kernels_use_fewer_threads_while_other_processes_hold_the_cores():
             time.sleep(0.006)
         return False
 
-    ctx = mp.get_context("spawn")  # never fork a process that has torch's OpenMP threads
-    stop = ctx.Event()
-    procs = [ctx.Process(target=_busy, args=(stop,), daemon=True) for _ in range(cpus)]
-    for p in procs:
-        p.start()
+    # one busy-looping interpreter per core (plain subprocesses: no fork of torch's threads, no torch import)
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
     try:
         assert settled(1, 20.0), "the kernels kept their threads while every core was busy"
         calls = _calls()
@@ -105,7 +96,8 @@ def test_kernels_use_fewer_threads_while_other_processes_hold_the_cores():
             torch.set_num_threads(before)
         assert all(torch.equal(a, f()) for a, f in zip(one, calls))  # results unchanged under the load
     finally:
-        stop.set()
         for p in procs:
-            p.join(10)
+            p.kill()
+        for p in procs:
+            p.wait(10)
     assert settled(expected_idle, 10.0), "the kernels did not take their threads back once the load ended"
