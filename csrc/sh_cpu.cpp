@@ -1,7 +1,7 @@
 // CPU kernels: OpenMP over points (or rows), loops over m vectorised by the compiler.
 // Loops are scheduled dynamically in chunks, so that a thread that loses its core to another process
-// holds up only its current chunk.  (Under such a load the calls still slow ~3x, against ~1.7x with
-// OMP_WAIT_POLICY=passive: libgomp's spin-waiting, which a library cannot switch off; BENCHMARKS.md 1e.)
+// holds up only its current chunk; and each region takes region_threads() (threads.h): no more threads
+// than the cores other processes leave free, since a region waits for its slowest thread (BENCHMARKS.md 1e).
 #include <algorithm>
 #include <array>
 #include <cmath>

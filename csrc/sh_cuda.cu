@@ -2,8 +2,9 @@
 // rather than one thread per point, so that writes of a degree's row are coalesced and a warp
 // shares one point's recurrence.  Arithmetic in double, outputs in T; except that sh_basis and
 // sh_synthesis with float32 data up to degrees kFloatBasisMaxL / kFloatSynthesisMaxL run their
-// recurrences and sums in float (compute type C): consumer GPUs run double at 1/32-1/64 of the float rate.  Angles are still
-// formed and reduced in double (a few operations per thread), so only the recurrence rounds in float.
+// recurrences and sums in float (compute type C): consumer GPUs run double at 1/32-1/64 of the float
+// rate.  Angles are formed and reduced in double (a few operations per thread), then their sin and cos
+// and the recurrence round in float (the reason for those degree limits, see below).
 #include <cuda_runtime.h>
 
 #include <cfloat>

@@ -92,33 +92,28 @@ int region_threads() {
   // for an instant does not halve an idle machine's threads, while a lasting load is seen within three
   // samples.  Races between callers only repeat or skip a sample.
   static std::atomic<long long> next_sample_ns{0};
-  static std::atomic<int> free_cores{0}, recent[3];  // recent: free cores of the last samples, 0 = none
+  static std::atomic<int> recent[3];  // free cores of the last three samples; 0 = none or unknown
   static std::atomic<unsigned> slot{0};
   static const int online = (int)std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
   const long long now = now_ns();
   if (now >= next_sample_ns.load(std::memory_order_relaxed)) {
     next_sample_ns.store(now + 5'000'000, std::memory_order_relaxed);
     const int cpus = affinity_cpus(), runnable = runnable_threads();
-    int sample = 0;  // unknown: use the team
+    int sample = 0;
     if (cpus > 0 && runnable >= 0) {
       const int own = runnable > 1 ? own_runnable_threads() : 1;
-      sample = threads_for_load(1 << 20, cpus, online, runnable, own);
+      sample = threads_for_load(1 << 20, cpus, online, runnable, own);  // the free cores (no team cap)
     }
     recent[slot.fetch_add(1, std::memory_order_relaxed) % 3].store(sample, std::memory_order_relaxed);
-    int most = 0;
-    for (auto& r : recent) {
-      const int v = r.load(std::memory_order_relaxed);
-      if (v == 0) {  // fewer than three samples yet, or one unknown: use the team
-        most = 0;
-        break;
-      }
-      most = std::max(most, v);
-    }
-    free_cores.store(most, std::memory_order_relaxed);
     next_sample_ns.store(now + std::max(5'000'000LL, 100 * (now_ns() - now)), std::memory_order_relaxed);
   }
-  const int free = free_cores.load(std::memory_order_relaxed);
-  return free > 0 ? std::min(team, free) : team;
+  int most = 0;
+  for (auto& r : recent) {
+    const int v = r.load(std::memory_order_relaxed);
+    if (v == 0) return team;  // fewer than three samples yet, or one unknown
+    most = std::max(most, v);
+  }
+  return std::min(team, most);
 #else
   return team;
 #endif
