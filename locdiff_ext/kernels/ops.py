@@ -92,21 +92,18 @@ def _check_coord_values(coords: Tensor) -> None:
         _raise_bad_coords(_BAD_LATITUDE)
 
 
-def _check_finite(x: Tensor, name: str) -> None:
-    if x.numel() and not _all_finite(x):
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
 # Checks of CPU data run in numpy (zero-copy views): single-threaded and 5-10x faster than the torch
 # reductions they replace (torch.isfinite(x).all(): 126 us vs 19 us on [64, 1089] float64), and free of
 # the OpenMP fork-join that stalls a call for a scheduler time slice when another process holds the
 # cores (BENCHMARKS 1e).
 
 
-def _all_finite(x: Tensor) -> bool:
-    if x.device.type == "cpu":
-        return bool(np.isfinite(x.detach().numpy()).all())
-    return bool(torch.isfinite(x).all())
+def _check_finite(x: Tensor, name: str) -> None:
+    if not x.numel():
+        return
+    finite = np.isfinite(x.detach().numpy()).all() if x.device.type == "cpu" else torch.isfinite(x).all()
+    if not bool(finite):
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def _row_absmax(x: Tensor) -> Tensor:
@@ -326,7 +323,7 @@ def _synthesis_adjoint_matmul(grad: Tensor, L: int) -> Tensor:
 def _decode_impl(coeffs: Tensor, top_k: int, nlat: int, nlon: int, candidates: int, max_iter: int,
                  min_separation: float) -> Tuple[Tensor, Tensor]:
     B, K = coeffs.shape
-    amax = _row_absmax(coeffs) if B and K else coeffs.new_zeros((B, 1))  # NaN/inf rows give NaN/inf
+    amax = _row_absmax(coeffs)  # NaN/inf rows give NaN/inf
     if B and not bool(torch.isfinite(amax).all()):
         raise ValueError("coeffs contains NaN or infinite values")
     coeffs, scale = _scale_rows(coeffs, amax)
@@ -434,11 +431,7 @@ def sh_basis(coords: Tensor, L: int, out: Optional[Tensor] = None) -> Tensor:
     kernel takes to fill them (BENCHMARKS.md 1f)."""
     L = check_int(L, "L", 0, MAX_DEGREE)
     flat, lead = _prep_coords(coords)
-    if out is not None:
-        _basis_impl(flat, L, None, _check_out(out, flat, lead + (num_coeffs(L),)))
-        return out
-    res = _basis_impl(flat, L, None) if _eager(flat) else _sh_basis_op(flat, L)
-    return res.reshape(*lead, num_coeffs(L))
+    return _encode(flat, lead, L, None, out)
 
 
 def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
@@ -459,12 +452,21 @@ def shdd_encode(coords: Tensor, L: int, weights: Optional[Tensor] = None, out: O
     if weights.requires_grad:
         raise ValueError("weights: gradients with respect to the per-degree weights are not supported; pass "
                          "weights.detach() (gradients with respect to coords are)")
-    weights = weights.contiguous()
+    return _encode(flat, lead, L, weights.contiguous(), out)
+
+
+def _encode(flat: Tensor, lead: Tuple[int, ...], L: int, weights: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+    """sh_basis / shdd_encode on checked arguments: into ``out``, or a new tensor (through the custom op
+    where autograd or torch.compile needs it)."""
+    shape = lead + (num_coeffs(L),)
     if out is not None:
-        _basis_impl(flat, L, weights, _check_out(out, flat, lead + (num_coeffs(L),)))
+        _basis_impl(flat, L, weights, _check_out(out, flat, shape))
         return out
-    res = _basis_impl(flat, L, weights) if _eager(flat) else _shdd_encode_op(flat, L, weights)
-    return res.reshape(*lead, num_coeffs(L))
+    if _eager(flat):
+        res = _basis_impl(flat, L, weights)
+    else:
+        res = _sh_basis_op(flat, L) if weights is None else _shdd_encode_op(flat, L, weights)
+    return res.reshape(shape)
 
 
 def _prep_coeffs(coeffs) -> Tuple[Tensor, Tuple[int, ...], int]:
@@ -514,9 +516,9 @@ def shdd_decode(
 
     Synthesises f on a coarse grid (default ``nlat = 2L+2`` rings by ``nlon = 2 nlat``: steps of half
     the main-lobe width pi/(L+1); ``decode_grid_limits`` gives the allowed range), keeps the best
-    ``candidates`` local maxima (default 2*top_k+2), refines each with trust-region Newton steps on the sphere (analytic derivatives; ``refine=False`` returns grid
-    points), and keeps modes at least ``min_separation_km`` apart (default: the main-lobe width
-    pi/(L+1) of arc).  Returns coords [..., top_k, 2] (lat, lon degrees, lon in [-180, 180)) and
+    ``candidates`` local maxima (default 2*top_k+2), refines each with trust-region Newton steps on the
+    sphere (analytic derivatives; ``refine=False`` returns grid points), and keeps modes at least
+    ``min_separation_km`` apart (default: the main-lobe width pi/(L+1) of arc).  Returns coords [..., top_k, 2] (lat, lon degrees, lon in [-180, 180)) and
     scores [..., top_k] (f at the mode).  Rows with fewer distinct maxima than top_k are padded
     with NaN coordinates and -inf scores.  Scale invariant: modes of c * f are those of f, scores c times
     (from 1e-300 to 1e300 in float64)."""

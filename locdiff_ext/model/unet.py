@@ -139,11 +139,8 @@ class CSUNet(nn.Module):
         and drop flag (the samples of one input while sampling); everything that depends only on those (the
         timestep and condition MLPs, every FiLM, the prior's share of the input layer and of the output) is
         computed once per group.  Same function as S = 1, up to float rounding."""
-        if x.shape[-1] != self.config.dim:
-            raise ValueError(f"x must have shape [B, {self.config.dim}], got {tuple(x.shape)}")
+        self._check_inputs(x, cond)
         D, P = self.config.cond_dim, self.config.prior_dim
-        if cond is not None and cond.shape[-1] != D + P:
-            raise ValueError(f"cond must have shape [B, {D + P}], got {tuple(cond.shape)}")
         if repeats != 1:
             return self._forward_groups(x, t, cond, drop_mask, repeats)
         c = self.condition(t, cond, drop_mask)
@@ -200,11 +197,8 @@ class CSUNet(nn.Module):
         (dropout would differ between the branches)."""
         if self.training:
             raise RuntimeError("forward_guided is for evaluation: call model.eval() first")
+        self._check_inputs(x, cond)
         rows, K, D = x.shape[0], self.config.dim, self.config.cond_dim
-        if x.shape[-1] != K:
-            raise ValueError(f"x must have shape [B, {K}], got {tuple(x.shape)}")
-        if cond.shape[-1] != D + self.config.prior_dim:
-            raise ValueError(f"cond must have shape [B, {D + self.config.prior_dim}], got {tuple(cond.shape)}")
         R = _groups(rows, repeats)
         first = slice(None, None, repeats)
         cond1, t1 = cond[first], t[first]
@@ -223,6 +217,13 @@ class CSUNet(nn.Module):
         if prior is not None:  # the null branch's prior is zero
             out = out + guidance_scale * self._prior_output(c[:R], prior)
         return out.reshape(rows, K)
+
+    def _check_inputs(self, x: Tensor, cond: Optional[Tensor]) -> None:
+        K, width = self.config.dim, self.config.cond_dim + self.config.prior_dim
+        if x.shape[-1] != K:
+            raise ValueError(f"x must have shape [B, {K}], got {tuple(x.shape)}")
+        if cond is not None and cond.shape[-1] != width:
+            raise ValueError(f"cond must have shape [B, {width}], got {tuple(cond.shape)}")
 
     def _trunk(self, y: Tensor, c: Tensor) -> Tensor:
         """Every block from the input layer's sine to the last one, for R groups of S rows that share their

@@ -122,7 +122,7 @@ def test_cuda_kernels_compiled_when_ci_expects_them():
     import os
 
     if os.environ.get("LOCDIFF_EXPECT_CUDA") != "1":
-        pytest.skip("reason: only checked where .ci/run found nvcc (LOCDIFF_EXPECT_CUDA=1)")
+        pytest.skip(reason="a CUDA build is required only where .ci/run found nvcc (LOCDIFF_EXPECT_CUDA=1)")
     assert ld.has_cuda()
 
 
