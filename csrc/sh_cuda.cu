@@ -5,8 +5,8 @@
 // recurrences and sums in float (compute type C): consumer GPUs run double at 1/32-1/64 of the float
 // rate.  Angles are formed and reduced in double (a few operations per thread), then their sin and cos
 // and the recurrence round in float (the reason for those degree limits, see below).
-#include <cuda_runtime.h>
-
+// The same source runs on the CPU in CI under the SIMT emulation (cuda_launch.h, simt_emulation.h; tests/kernels/
+// test_simt.py): every launch goes through launch(), dynamic shared memory through LOCDIFF_DYNAMIC_SHARED.
 #include <cfloat>
 #include <map>
 #include <memory>
@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_launch.h"
 #include "kernels.h"
 #include "sh_math.h"
 #include "tables.h"
@@ -25,8 +26,12 @@ namespace cuda {
 namespace {
 
 void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    // The runtime also keeps a failed call's error as the thread's last error: clear it, or the next
+    // launch's check(cudaGetLastError()) would report this one again (found under the SIMT emulation).
+    cudaGetLastError();
     throw std::runtime_error(std::string("locdiff CUDA error in ") + what + ": " + cudaGetErrorString(err));
+  }
 }
 
 // Highest degrees whose float32 sh_basis / sh_synthesis compute in float; above them they compute in
@@ -236,8 +241,12 @@ __global__ void basis_backward_kernel(const T* __restrict__ coords, const T* __r
   red[0][threadIdx.x] = ft;
   red[1][threadIdx.x] = fp;
   __syncthreads();
-  for (int s = team / 2; s > 0; s >>= 1) {
-    if (lane_m < s) {
+  // Tree sum over the team, which need not be a power of two (96 threads for L = 64..95): halves of the
+  // next power of two, each lane adding its partner where the partner is inside the team.
+  int half = 1;
+  while (2 * half < team) half *= 2;
+  for (int s = half; s > 0; s >>= 1) {
+    if (lane_m < s && lane_m + s < team) {
       red[0][threadIdx.x] += red[0][threadIdx.x + s];
       red[1][threadIdx.x] += red[1][threadIdx.x + s];
     }
@@ -284,7 +293,7 @@ __device__ void ring_legendre(const T* __restrict__ c, int L, const Tab<C>& tab,
 template <typename T, typename C>
 __global__ void synthesis_kernel(const T* __restrict__ coeffs, T* __restrict__ out, int64_t batch,
                                  int L, int nlat, int nlon, Tab<C> tab) {
-  extern __shared__ double smem[];  // 2 (L + 1) values of C
+  LOCDIFF_DYNAMIC_SHARED(double, smem, 2 * (L + 1) * sizeof(C));
   C* gc = reinterpret_cast<C*>(smem);
   C* gs = gc + (L + 1);
   const int64_t bj = blockIdx.x;
@@ -324,7 +333,9 @@ template <typename T, int KEEP>
 __global__ void decode_kernel(const T* __restrict__ coeffs, T* __restrict__ out_coords,
                               T* __restrict__ out_scores, int L, int nlat, int nlon, int top_k,
                               int ncand, int max_iter, double min_sep, SHTables tab) {
-  extern __shared__ double smem[];
+  const size_t smem_bytes = sizeof(double) * (2 * (L + 1) + 3 * ncand) + sizeof(float) * 3 * nlon +
+                            (sizeof(float) + sizeof(int)) * blockDim.x * KEEP;
+  LOCDIFF_DYNAMIC_SHARED(double, smem, smem_bytes);
   double* gc = smem;
   double* gs = gc + (L + 1);
   double* cand_t = gs + (L + 1);          // [ncand]
@@ -530,9 +541,8 @@ void launch_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch,
   auto kernel = decode_kernel<T, KEEP>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
         "decode shared memory (grid too large for this GPU: lower nlon)");
-  kernel<<<(unsigned)batch, kThreads, smem, stream>>>(coeffs, out_coords, out_scores, L, opt.nlat,
-                                                      opt.nlon, opt.top_k, opt.candidates,
-                                                      opt.max_iter, min_sep, tab);
+  launch(kernel, grid_1d(batch), kThreads, smem, stream, coeffs, out_coords, out_scores, L, opt.nlat, opt.nlon,
+         opt.top_k, opt.candidates, opt.max_iter, min_sep, tab);
   check(cudaGetLastError(), "decode_kernel launch");
 }
 
@@ -555,11 +565,11 @@ void sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights, void*
   const int per_block = kThreads / team;
   const int64_t blocks = (n + per_block - 1) / per_block;
   if (float_compute<T>(L, kFloatBasisMaxL))
-    basis_kernel<T, float><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(coords, out, n, L, weights,
-                                                                                 tab_of<float>(dt), team);
+    launch(basis_kernel<T, float>, grid_1d(blocks), kThreads, 0, (cudaStream_t)stream, coords, out, n, L, weights,
+           tab_of<float>(dt), team);
   else
-    basis_kernel<T, double><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(coords, out, n, L, weights,
-                                                                                  tab_of<double>(dt), team);
+    launch(basis_kernel<T, double>, grid_1d(blocks), kThreads, 0, (cudaStream_t)stream, coords, out, n, L, weights,
+           tab_of<double>(dt), team);
   check(cudaGetLastError(), "basis_kernel launch");
 }
 
@@ -571,8 +581,8 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
   const int team = team_size(L);
   const int per_block = kThreads / team;
   const int64_t blocks = (n + per_block - 1) / per_block;
-  basis_backward_kernel<T><<<(unsigned)blocks, kThreads, 0, (cudaStream_t)stream>>>(
-      coords, grad_out, grad_coords, n, L, weights, tab, team);
+  launch(basis_backward_kernel<T>, grid_1d(blocks), kThreads, 0, (cudaStream_t)stream, coords, grad_out, grad_coords,
+         n, L, weights, tab, team);
   check(cudaGetLastError(), "basis_backward_kernel launch");
 }
 
@@ -582,11 +592,11 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   const DeviceTables& dt = device_table_set(L, current_device());
   const size_t smem = sizeof(double) * 2 * (L + 1);
   if (float_compute<T>(L, kFloatSynthesisMaxL))
-    synthesis_kernel<T, float><<<(unsigned)(batch * nlat), kThreads, smem, (cudaStream_t)stream>>>(
-        coeffs, out, batch, L, nlat, nlon, tab_of<float>(dt));
+    launch(synthesis_kernel<T, float>, grid_1d(batch * nlat), kThreads, smem, (cudaStream_t)stream, coeffs, out,
+           batch, L, nlat, nlon, tab_of<float>(dt));
   else
-    synthesis_kernel<T, double><<<(unsigned)(batch * nlat), kThreads, smem, (cudaStream_t)stream>>>(
-        coeffs, out, batch, L, nlat, nlon, tab_of<double>(dt));
+    launch(synthesis_kernel<T, double>, grid_1d(batch * nlat), kThreads, smem, (cudaStream_t)stream, coeffs, out,
+           batch, L, nlat, nlon, tab_of<double>(dt));
   check(cudaGetLastError(), "synthesis_kernel launch");
 }
 

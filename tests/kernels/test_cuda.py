@@ -49,8 +49,8 @@ def test_shdd_encode_weights_cuda():
         ld.shdd_encode(c.cuda(), L, w)
 
 
-def test_backward_cuda_matches_cpu():
-    L = 40
+@pytest.mark.parametrize("L", [40, 64, 128])  # teams of 64, 96, 160 threads: the reduction's odd sizes
+def test_backward_cuda_matches_cpu(L):
     c = random_coords(64, seed=6)
     g = torch.randn(c.shape[0], (L + 1) ** 2, dtype=torch.float64)
     w = torch.linspace(1.0, 0.5, L + 1, dtype=torch.float64)
