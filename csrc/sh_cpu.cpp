@@ -323,7 +323,7 @@ int sh_basis(const T* coords, T* out, int64_t n, int L, const T* weights) {
   const int64_t nblocks = (n + PW - 1) / PW;
   RegionErrors errs;
   int bad = 0;
-#pragma omp parallel num_threads(region_threads()) reduction(| : bad)
+#pragma omp parallel if(!in_forked_child()) num_threads(region_threads()) reduction(| : bad)
   {
     const bool lanes = L <= kLaneMaxL;
     std::vector<vd> c, s, rows, tile;
@@ -393,7 +393,7 @@ void sh_basis_backward(const T* coords, const T* grad_out, T* grad_coords, int64
   std::vector<int> degree_of(K);
   for (int l = 0; l <= L; ++l)
     for (int m = -l; m <= l; ++m) degree_of[(int64_t)l * l + l + m] = l;
-#pragma omp parallel for num_threads(region_threads()) schedule(dynamic, 64)
+#pragma omp parallel for if(!in_forked_child()) num_threads(region_threads()) schedule(dynamic, 64)
   for (int64_t i = 0; i < n; ++i) {
     double theta, phi;
     latlon_to_angles((double)coords[2 * i], (double)coords[2 * i + 1], &theta, &phi);
@@ -419,7 +419,7 @@ void sh_synthesis(const T* coeffs, T* out, int64_t batch, int L, int nlat, int n
   const int64_t nblocks = (batch + W - 1) / W;
   const int ngroups = grid.ngroups();
   RegionErrors errs;
-#pragma omp parallel num_threads(region_threads())
+#pragma omp parallel if(!in_forked_child()) num_threads(region_threads())
   {
     SeparableGrid::Work w;
     int64_t loaded = -1;  // row block whose coefficients are in w.cw
@@ -456,7 +456,7 @@ void sh_synthesis_backward(const T* grad_out, T* grad_coeffs, int64_t batch, int
   const int64_t K = (int64_t)(L + 1) * (L + 1), plane = (int64_t)nlat * nlon;
   const int64_t nblocks = (batch + W - 1) / W;
   RegionErrors errs;
-#pragma omp parallel num_threads(region_threads())
+#pragma omp parallel if(!in_forked_child()) num_threads(region_threads())
   {
     SeparableGrid::Work w;
     std::vector<double> f;
@@ -651,7 +651,7 @@ void shdd_decode(const T* coeffs, T* out_coords, T* out_scores, int64_t batch, i
   const int64_t nchunks = (batch + W - 1) / W;
 
   RegionErrors errs;
-#pragma omp parallel num_threads(region_threads())
+#pragma omp parallel if(!in_forked_child()) num_threads(region_threads())
   {
     SeparableGrid::Work w;
     std::unique_ptr<RowEvaluator> eval_ptr;

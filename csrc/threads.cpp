@@ -10,6 +10,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <dirent.h>
 #include <fcntl.h>
@@ -82,8 +85,20 @@ int affinity_cpus() {
 }  // namespace
 #endif
 
+namespace {
+std::atomic<bool> forked_child{false};
+#if defined(__unix__) || defined(__APPLE__)
+void mark_forked_child() { forked_child.store(true, std::memory_order_relaxed); }
+// Registered when the module loads; a child of a child is a child too (the flag is inherited).
+const int atfork_registered = ::pthread_atfork(nullptr, nullptr, mark_forked_child);
+#endif
+}  // namespace
+
+bool in_forked_child() { return forked_child.load(std::memory_order_relaxed); }
+
 int region_threads() {
 #ifdef _OPENMP
+  if (in_forked_child()) return 1;
   const int team = omp_get_max_threads();
   if (team <= 1 || omp_in_parallel()) return std::max(team, 1);
 #if defined(__linux__)

@@ -19,4 +19,10 @@ int threads_for_load(int team, int cpus, int online, int runnable, int own_runna
 // few milliseconds (~20 us per sample on Linux; elsewhere, and inside a parallel region, the team).
 int region_threads();
 
+// True in a child made by fork() (pthread_atfork marks it).  GNU OpenMP is not fork-safe: a child whose
+// parent ran a parallel region waits forever in its next one for the parent's threads, which the child does
+// not have.  So every kernel region is `if(!in_forked_child())`: in a child it runs on the calling thread
+// as an inactive region of one (no pool, no barrier), as PyTorch marks its own pool at fork.
+bool in_forked_child();
+
 }  // namespace locdiff

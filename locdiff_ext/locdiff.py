@@ -323,6 +323,8 @@ class LocDiff(nn.Module):
         mse = mse_loss(pred, target)
         if self.config.loss == "mse":
             return mse, {"mse": mse.detach()}
+        if not bool(torch.isfinite(pred).all()):  # a diverging run: the KL's synthesis would refuse the map
+            return mse.detach() * float("nan"), {"mse": mse.detach()}
         x0_hat, _ = self.schedule.to_x0_eps(pred, x_t.float(), t, self.config.prediction)
         kl = self.kl(x0_hat, x0.float())
         return kl + self.config.mse_weight * mse, {"kl": kl.detach(), "mse": mse.detach()}

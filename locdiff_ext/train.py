@@ -49,6 +49,14 @@ from .progress import Progress
 PathLike = Union[str, os.PathLike]
 
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped because a loss or gradient became NaN or infinite (``step`` names the step)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 @dataclass
 class TrainConfig:
     steps: int = 20000
@@ -258,10 +266,14 @@ class Trainer:
         torch.manual_seed(_step_seed(self.cfg.seed, step, 3 + self.rank))  # the network's dropout
         loss, _ = self.model.training_loss(self.cond[idx], self.coords[idx], t, noise, drop,
                                            denoiser=self.denoiser, amp_dtype=self.amp_dtype)
+        if not bool(torch.isfinite(loss)):
+            raise self._diverged(step, f"the loss is {float(loss.detach())}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        # the norm is needed to see a non-finite gradient before it reaches the weights (inf: no clipping)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        if not bool(torch.isfinite(norm)):
+            raise self._diverged(step, f"the loss is {float(loss.detach()):.4g} but its gradient norm is {float(norm)}")
         self.opt.step()
         self.sched.step()
         decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
@@ -269,6 +281,16 @@ class Trainer:
             for pe, p in zip(self.ema.net.parameters(), self.model.net.parameters()):
                 pe.lerp_(p, 1 - decay)
         return loss.detach()
+
+    def _diverged(self, step: int, what: str) -> "TrainingDiverged":
+        """The error a diverging run stops with; no weight was updated from this step, and nothing is written."""
+        lr = self.sched.get_last_lr()[0]
+        last = latest_checkpoint(self.out_dir) if self.rank == 0 else None
+        kept = f"the last checkpoint, {last}, is untouched" if last is not None else "no checkpoint was written yet"
+        return TrainingDiverged(
+            f"training diverged at step {step}: {what} (learning rate {lr:.3g} at this step, lr = {self.cfg.lr:g}); "
+            f"{kept}. Try a lower lr (e.g. {self.cfg.lr / 10:g}), a longer warmup_steps or a smaller grad_clip, "
+            "then resume or start again with overwrite=True.", step=step)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -235,3 +235,59 @@ def test_train_config_checks_every_field():
     for field in ("eta", "w0", "kl_temperature", "guidance_scale"):  # NaN surfaced later as "coeffs contains NaN"
         with pytest.raises(ValueError, match=f"LocDiffConfig: {field} must be finite"):
             ld.LocDiffConfig(cond_dim=4, **{field: float("nan")})
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(tmp_path):
+    """Too large a learning rate: the run stops with TrainingDiverged (the step, the loss, what to try), before
+    a non-finite update reaches the weights; the checkpoints written before stay as they were and no final/
+    model (nor any non-finite checkpoint) is written."""
+    import hashlib
+
+    from locdiff_ext.data.checkpoint import list_checkpoints
+    from locdiff_ext.train import TrainingDiverged
+
+    data, _ = region_dataset(256, seed=1)
+    cfg = TrainConfig(steps=80, batch_size=32, lr=100.0, warmup_steps=10, eval_every=0, checkpoint_every=2)
+    trainer = Trainer(tiny_model(), data, tmp_path, cfg, progress=False)
+    snapshot = {}
+    save = trainer.save_checkpoint
+
+    def save_and_hash():  # the bytes of every checkpoint as written
+        path = save()
+        snapshot[path.name] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}
+        return path
+
+    trainer.save_checkpoint = save_and_hash
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: the loss is .*lower lr \(e\.g\. 10\)") as e:
+        trainer.fit()
+    step = e.value.step
+    assert 2 <= step < 80 and f"step_{(step // 2) * 2:08d}" in str(e.value)
+    assert not (tmp_path / "final").exists()
+    kept = list_checkpoints(tmp_path)
+    assert kept and all(int(p.name.split("_")[1]) <= step for p in kept)
+    for p in kept:  # untouched, and loadable (finite)
+        assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in p.iterdir()} == snapshot[p.name]
+        ld.LocDiff.from_pretrained(p)
+    for name, w in trainer.model.net.state_dict().items():  # the failed step updated nothing
+        assert torch.isfinite(w).all(), name
+
+
+def test_non_finite_gradients_stop_the_run(tmp_path, monkeypatch):
+    from locdiff_ext.train import TrainingDiverged
+
+    data, _ = region_dataset(128, seed=2)
+    trainer = Trainer(tiny_model(), data, tmp_path, TrainConfig(steps=5, batch_size=16, eval_every=0,
+                                                                 checkpoint_every=0, grad_clip=0.0), progress=False)
+    first = next(trainer.model.net.parameters())
+    first.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(TrainingDiverged, match="diverged at step 0: the loss is .* but its gradient norm is"):
+        trainer.fit()
+    assert torch.isfinite(first).all()
+
+
+def test_checkpoints_refuse_non_finite_tensors(tmp_path):
+    from locdiff_ext.data.checkpoint import CheckpointError, write_checkpoint
+
+    with pytest.raises(CheckpointError, match="'w' contains NaN or infinite"):
+        write_checkpoint(tmp_path / "c", {"model": {"w": torch.tensor([1.0, float("nan")])}}, {})
+    assert not (tmp_path / "c").exists()

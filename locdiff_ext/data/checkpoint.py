@@ -49,6 +49,11 @@ def write_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    for name, group in tensors.items():  # a diverged model is never saved (loading refuses one too)
+        for key, v in group.items():
+            if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"refusing to write {directory}: {name} tensor {key!r} contains NaN or "
+                                      "infinite values")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

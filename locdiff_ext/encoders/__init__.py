@@ -17,7 +17,7 @@ from .cache import embed_images, failures, load_embeddings
 from .clip import HFCLIPEncoder, OpenCLIPEncoder
 from .cnn import SmallCNNEncoder
 from .efficientnet import EfficientNetLiteEncoder
-from .images import ImageEncoder, image_to_tensor, load_image
+from .images import ImageEncoder, image_to_tensor, load_image, to_rgb
 
 ENCODERS = {"small_cnn": SmallCNNEncoder, "hf_clip": HFCLIPEncoder, "open_clip": OpenCLIPEncoder,
             "efficientnet_lite": EfficientNetLiteEncoder}
@@ -52,4 +52,4 @@ def parse_encoder_spec(spec: str) -> ImageEncoder:
 
 
 __all__ = ["ImageEncoder", "SmallCNNEncoder", "HFCLIPEncoder", "OpenCLIPEncoder", "EfficientNetLiteEncoder", "ENCODERS", "STORED_ENCODERS", "build_image_encoder",
-           "parse_encoder_spec", "load_image", "image_to_tensor", "embed_images", "load_embeddings", "failures"]
+           "parse_encoder_spec", "load_image", "to_rgb", "image_to_tensor", "embed_images", "load_embeddings", "failures"]

@@ -49,10 +49,39 @@ def _open_member(ref: str) -> io.BytesIO:
         return io.BytesIO(f.read())
 
 
+# Pillow modes of more than 8 bits per sample and the value that maps to 255: 16-bit integers by their type's
+# range; 32-bit integers ("I") by the 16-bit range when their values fit in it (Pillow opens some 16-bit PNGs
+# and TIFFs as "I"), else by the int32 range; 32-bit floats ("F") as 0..1, the convention of scikit-image and
+# torchvision for float images.  Values outside the range are clipped (negative ones to 0).
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": None, "F": 1.0}
+
+
+def to_rgb(img: "PIL.Image.Image", name: str = "<image>") -> "PIL.Image.Image":  # noqa: F821
+    """A PIL image as every viewer shows it, in 8-bit RGB: the EXIF orientation (all 8 values) applied, so a
+    phone's portrait shot is upright; 16- and 32-bit grayscale scaled to 8 bits by their range (see
+    ``_WIDE_MODES``) instead of Pillow's ``convert`` clipping them; palette, CMYK, LA/RGBA (alpha dropped)
+    converted by Pillow."""
+    from PIL import Image, ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # an unreadable EXIF block: say so rather than guess the orientation
+        raise ValueError(f"image {name!r} has an EXIF orientation that cannot be applied: {exc}") from None
+    if img.mode in _WIDE_MODES:
+        a = np.asarray(img).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"image {name!r} ({img.mode}) contains NaN or infinite pixel values")
+        top = _WIDE_MODES[img.mode]
+        if top is None:
+            top = 65535.0 if a.size and a.min() >= 0 and a.max() <= 65535 else 2147483647.0
+        img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def load_image(image) -> "PIL.Image.Image":  # noqa: F821
-    """A path or PIL image -> an RGB PIL image.  Grayscale, palette and RGBA images are converted;
-    a missing file, a file that is not an image, a corrupt image or one smaller than 8 px per side
-    raises FileNotFoundError / ValueError naming the file."""
+    """A path or PIL image -> an upright 8-bit RGB PIL image (``to_rgb``: EXIF orientation applied, 16/32-bit
+    images scaled, grayscale, palette, CMYK and RGBA converted); a missing file, a file that is not an image,
+    a corrupt image or one smaller than 8 px per side raises FileNotFoundError / ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     name = str(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__}>"
@@ -68,7 +97,7 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
         try:
             with Image.open(source) as im:
                 im.load()
-                img = im.convert("RGB")
+                img = to_rgb(im, name)
         except UnidentifiedImageError:
             raise ValueError(f"image file {name!r} is not an image (or of an unknown format)") from None
         except Image.DecompressionBombError as exc:  # Pillow's guard against decompression bombs
@@ -76,7 +105,7 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"image file {name!r} is corrupt or truncated: {exc}") from None
     elif isinstance(image, Image.Image):
-        img = image.convert("RGB")
+        img = to_rgb(image, name)
     else:
         raise TypeError(f"images: expected a path, a PIL image or a tensor, got {type(image).__name__}")
     if min(img.size) < MIN_IMAGE_SIDE:
@@ -87,7 +116,7 @@ def load_image(image) -> "PIL.Image.Image":  # noqa: F821
 
 def image_to_tensor(image: ImageLike, size: int, center_crop: bool = False) -> Tensor:
     """One image -> float32 [3, size, size] in [0, 1].  Tensors are [3, H, W] or [H, W]; numpy arrays are
-    H x W x 3 (RGB; OpenCV users convert from BGR first) or H x W; uint8 means 0..255, floats 0..1.
+    H x W x 3 (RGB; OpenCV users convert from BGR first) or H x W; uint8 means 0..255, uint16 0..65535, floats 0..1.
     Default: the whole image resized to size x size (bilinear); ``center_crop``: CLIP's preprocessing,
     shortest side resized to ``size`` (bicubic), then the central size x size square."""
     if isinstance(image, np.ndarray):  # H x W x C (RGB, or RGBA: alpha dropped) or H x W, as PIL and OpenCV hold them
@@ -96,6 +125,8 @@ def image_to_tensor(image: ImageLike, size: int, center_crop: bool = False) -> T
             a = a[..., :3].transpose(2, 0, 1)
         elif a.ndim == 3 and a.shape[-1] == 1:
             a = a[..., 0]
+        if a.dtype == np.uint16:  # 16-bit pixels (e.g. from imageio / OpenCV's IMREAD_UNCHANGED): 0..65535 -> 0..1
+            a = a.astype(np.float32) / 65535.0
         image = torch.from_numpy(np.ascontiguousarray(a))
     if isinstance(image, Tensor):
         t = image
@@ -149,4 +180,4 @@ class ImageEncoder(nn.Module):
         return torch.stack([image_to_tensor(im, self.image_size, self.center_crop) for im in images])
 
 
-__all__ = ["ImageLike", "ImageEncoder", "load_image", "image_to_tensor", "MIN_IMAGE_SIDE"]
+__all__ = ["ImageLike", "ImageEncoder", "load_image", "to_rgb", "image_to_tensor", "MIN_IMAGE_SIDE"]

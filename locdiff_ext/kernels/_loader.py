@@ -10,6 +10,7 @@ installed package, and the command that fixes it.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 
@@ -32,6 +33,19 @@ def _load():
 
 _C = _load()
 MAX_DEGREE: int = _C.MAX_DEGREE
+
+
+def _one_torch_thread_in_forked_child():
+    """GNU OpenMP is not fork-safe: in a child made by fork() after the parent ran a parallel region, the next
+    region waits forever for the parent's threads.  Our kernels see the fork themselves (csrc/threads.h) and run
+    on the calling thread there; torch's own ops get one thread, as in torch's DataLoader workers."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_torch_thread_in_forked_child)
 
 
 def has_cuda() -> bool:

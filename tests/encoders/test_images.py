@@ -108,3 +108,112 @@ def test_images_of_every_usual_form_and_clear_refusals(tmp_path):
     for bad in (torch.rand(3, 16, 16) > 0.5, torch.rand(3, 16, 16, dtype=torch.complex64)):
         with pytest.raises(TypeError, match="uint8 .* or float"):
             ld.geolocate([bad], model=model)
+
+
+def _marked_pixels():
+    """A 24 x 40 RGB image whose corners differ (red top-left, green top-right, blue bottom-left, white
+    bottom-right), so that every one of the 8 orientations gives a different pixel grid."""
+    a = np.zeros((24, 40, 3), dtype=np.uint8)
+    a[:6, :6] = (255, 0, 0)
+    a[:6, -6:] = (0, 255, 0)
+    a[-6:, :6] = (0, 0, 255)
+    a[-6:, -6:] = (255, 255, 255)
+    return a
+
+
+# EXIF orientation -> how the stored grid must be turned to show the picture upright (the EXIF 2.3 table):
+# 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise
+# (each stored grid below is the inverse turn of the upright one).
+_STORED_FROM_UPRIGHT = {
+    1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, 1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    """A file stored turned, with the EXIF tag that says so (phones store portrait shots with tag 6), loads
+    upright, from a path and from a PIL image, exactly as Pillow's exif_transpose shows it."""
+    from PIL import Image, ImageOps
+
+    from locdiff_ext.encoders import load_image
+
+    upright = _marked_pixels()
+    stored = np.ascontiguousarray(_STORED_FROM_UPRIGHT[orientation](upright))
+    path = tmp_path / f"o{orientation}.png"  # lossless, so the pixel grids compare exactly
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif)
+    for source in [path, Image.open(path)]:
+        got = np.asarray(load_image(source))
+        assert got.shape == upright.shape and np.array_equal(got, upright), orientation
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(ImageOps.exif_transpose(Image.open(path))))
+    # a JPEG (as phones write them) turns the same way
+    jpg = tmp_path / f"o{orientation}.jpg"
+    Image.fromarray(stored).save(jpg, exif=exif, quality=95)
+    assert np.asarray(load_image(jpg)).shape == upright.shape
+
+
+def _wide_images():
+    """Every Pillow mode wider than 8 bits a PNG or TIFF can hold, with its pixels and their 8-bit values."""
+    ramp = np.linspace(0.0, 1.0, 32 * 32).reshape(32, 32)
+    from PIL import Image
+
+    u16 = np.rint(7 + ramp * (65534 - 7)).astype(np.uint16)
+    yield "I;16", Image.fromarray(u16), u16 / 65535.0
+    yield "I;16B", Image.frombytes("I;16B", (32, 32), u16.astype(">u2").tobytes()), u16 / 65535.0
+    i32_small = u16.astype(np.int32)  # how Pillow opens some 16-bit files: mode I with 16-bit values
+    yield "I (16-bit values)", Image.fromarray(i32_small, "I"), i32_small / 65535.0
+    i32 = np.rint(ramp * 2147483647).astype(np.int32)
+    yield "I (32-bit values)", Image.fromarray(i32, "I"), i32 / 2147483647.0
+    f = (ramp * 1.2 - 0.1).astype(np.float32)  # a float image overshooting 0..1 a little: clipped
+    yield "F", Image.fromarray(f, "F"), np.clip(f, 0, 1)
+
+
+# PNG holds 16-bit samples only; TIFF holds 32-bit integer and float samples too
+@pytest.mark.parametrize("case,fmt", [(c, f) for c in range(5) for f in ["png", "tiff", "pil"] if not (c >= 2 and f == "png")])
+def test_wide_images_are_scaled_not_saturated(tmp_path, case, fmt):
+    """16-bit grayscale (values 7..65534) must not load as a white image (Pillow's convert("RGB") clips I;16):
+    each sample is scaled by its type's range to 8 bits, through files and PIL images alike."""
+    from PIL import Image
+
+    from locdiff_ext.encoders import load_image
+
+    label, img, expected = list(_wide_images())[case]
+    if fmt == "pil":
+        src = img
+    else:
+        src = tmp_path / f"wide.{fmt}"
+        img.save(src)
+    got = np.asarray(load_image(src)).astype(np.float64)
+    assert got.shape == (32, 32, 3) and np.array_equal(got[..., 0], got[..., 2])
+    assert np.abs(got[..., 0] - expected * 255.0).max() <= 1.0, (label, fmt, Image.open(src).mode if fmt != "pil" else "")
+    assert 100 < got.mean() < 155  # a ramp, neither black nor white
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I;16", "I", "F",
+                                  "RGBX", "HSV", "LAB"])
+def test_every_pillow_mode_loads_as_8_bit_rgb(tmp_path, mode):
+    from PIL import Image
+
+    from locdiff_ext.encoders import load_image
+
+    img = Image.new(mode, (16, 12))
+    out = load_image(img)
+    assert out.mode == "RGB" and out.size == (16, 12)
+    for fmt in ["png", "tiff"]:
+        path = tmp_path / f"m.{fmt}"
+        try:
+            img.save(path)
+        except (OSError, KeyError, ValueError):
+            continue  # a mode this format cannot hold
+        assert load_image(path).mode == "RGB"
+
+
+def test_uint16_arrays_scale_like_16_bit_files():
+    from locdiff_ext.encoders import image_to_tensor
+
+    a = np.full((16, 16), 65535 // 2, dtype=np.uint16)
+    t = image_to_tensor(a, 16)
+    assert torch.allclose(t, torch.full_like(t, (65535 // 2) / 65535.0))
