@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_fits, check_float, check_int, validate_embeddings
-from .data.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .data.checkpoint import CheckpointError, read_checkpoint, read_shared, write_checkpoint
 from .encoders import STORED_ENCODERS, ImageEncoder, build_image_encoder
 from .kernels.geometry import unit_rows
 from .kernels.ops import decode_grid_limits, num_coeffs
@@ -449,12 +449,22 @@ class LocDiff(nn.Module):
         """Writes config.json + model.safetensors (+ manifest) atomically."""
         return write_checkpoint(directory, {"model": self.persistent_state_dict()}, {"config": self.config.to_dict()})
 
+    @staticmethod
+    def checkpoint_state(directory: PathLike, tensors: Dict[str, Dict[str, Tensor]], docs: Dict) -> Dict[str, Tensor]:
+        """The model's tensors of a read checkpoint, with a gallery that a trainer step checkpoint references
+        (stored once per run, ``gallery_ref``) read back in."""
+        state = dict(tensors["model"])
+        if "gallery_ref" in docs:
+            state.update({f"gallery.{k}": v for k, v in read_shared(directory, docs["gallery_ref"], "gallery").items()})
+        return state
+
     @classmethod
     def from_pretrained(cls, directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> "LocDiff":
         """Loads a model written by ``save_pretrained`` (or a trainer checkpoint directory)."""
         tensors, docs = read_checkpoint(directory, map_location="cpu")
         if "config" not in docs or "model" not in tensors:
             raise CheckpointError(f"{str(directory)!r} holds no LocDiff model (config.json / model.safetensors)")
+        tensors["model"] = cls.checkpoint_state(directory, tensors, docs)
         try:
             config = LocDiffConfig.from_dict(docs["config"])
         except (TypeError, ValueError) as exc:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .checks import check_float, check_int
 from .data.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
-                              remove_stale_temporaries, write_checkpoint)
+                              remove_stale_temporaries, write_checkpoint, write_shared)
 from .data.datasets import EmbeddingDataset
 from .evaluation.metrics import geolocation_metrics
 from .kernels.geometry import unit_rows
@@ -124,12 +124,14 @@ def data_fingerprint(data: EmbeddingDataset) -> Dict[str, Any]:
 
 
 def run_files(out_dir: PathLike) -> List[Path]:
-    """What a training run leaves in ``out_dir``: step_* checkpoints, final/ and history.json."""
+    """What a training run leaves in ``out_dir``: step_* checkpoints, the gallery-* they share, final/ and
+    history.json."""
     d = Path(out_dir)
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if p.name in ("final", "history.json")
-                  or (p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()))
+                  or (p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
+                  or (p.is_dir() and p.name.startswith("gallery-") and len(p.name) == 24))
 
 
 def _step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -233,6 +235,8 @@ class Trainer:
             self.denoiser = DDP(self.model.net, device_ids=ids)
         self.amp_dtype = torch.bfloat16 if (self.cfg.amp and self.device.type == "cuda") else None
         self.step = 0
+        self._epoch_order: Optional[tuple] = None  # (epoch, its permutation of the training rows)
+        self._gallery_ref: Optional[Dict[str, str]] = None  # the run's gallery-*/ directory, once written
         self.history: List[Dict[str, float]] = []
         self._bar: Optional[Progress] = None  # during fit()
 
@@ -246,8 +250,10 @@ class Trainer:
         n, B = len(self.train_data), self.cfg.batch_size
         per_epoch = n // B
         epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(self.cfg.seed, epoch, 1)))
-        return perm[i * B:(i + 1) * B]
+        if self._epoch_order is None or self._epoch_order[0] != epoch:  # one permutation of n per epoch, not per step
+            g = torch.Generator().manual_seed(_step_seed(self.cfg.seed, epoch, 1))
+            self._epoch_order = (epoch, torch.randperm(n, generator=g))
+        return self._epoch_order[1][i * B:(i + 1) * B]
 
     def draws(self, step: int):
         """(t, noise, drop_mask) for the whole global batch of ``step``."""
@@ -309,16 +315,24 @@ class Trainer:
         state = {"step": self.step, "scheduler": self.sched.state_dict(), "optimizer": opt_doc,
                  "history": self.history, "train_config": asdict(self.cfg), "world_size": self.world,
                  "data": self.data_fingerprint}
-        raw = {k: v for k, v in self.model.persistent_state_dict().items() if not k.startswith("gallery.")}
+        def weights(m):  # the gallery is not copied into step checkpoints: it is stored once per run
+            return {k: v for k, v in m.persistent_state_dict().items() if not k.startswith("gallery.")}
+
+        docs = {"config": self.model.config.to_dict(), "trainer_state": state}
+        if self.ema.gallery is not None and len(self.ema.gallery):
+            if self._gallery_ref is None:  # hashed and, unless already there, written once per run start
+                g = self.ema.gallery
+                self._gallery_ref = write_shared(self.out_dir, "gallery", {"embeddings": g.embeddings,
+                                                                           "coords": g.coords})
+            docs["gallery_ref"] = self._gallery_ref
         path = write_checkpoint(self.out_dir / f"step_{self.step:08d}",
-                                {"model": self.ema.persistent_state_dict(),  # with the gallery, once
-                                 "train_model": raw,
-                                 "optimizer": opt_tensors},
-                                {"config": self.model.config.to_dict(), "trainer_state": state})
+                                {"model": weights(self.ema), "train_model": weights(self.model),
+                                 "optimizer": opt_tensors}, docs)
         if self._bar is not None:
             mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
             self._bar.log(f"checkpoint {path.name}: {mb:.1f} MB (EMA and raw weights and AdamW state, for an exact "
-                          "resume; final/ holds the EMA model alone)")
+                          "resume; a retrieval gallery is stored once, in gallery-*/; final/ holds the EMA model "
+                          "alone, gallery included)")
         done = [p for p in list_checkpoints(self.out_dir) if checkpoint_step(p) <= self.step]
         for old in done[:-self.cfg.keep_last]:  # the newest keep_last, this one included, stay
             shutil.rmtree(old, ignore_errors=True)
@@ -332,10 +346,11 @@ class Trainer:
                                       "config, or start afresh with overwrite=True (--overwrite) or another out_dir")
             st = docs["trainer_state"]
             self._check_same_run(path, st)
-            raw = dict(tensors["train_model"])  # the gallery is saved once, with the EMA model
-            raw.update({k: v for k, v in tensors["model"].items() if k.startswith("gallery.") and k not in raw})
+            ema = LocDiff.checkpoint_state(path, tensors, docs)  # with the run's gallery (or an older inline one)
+            raw = dict(tensors["train_model"])  # the gallery is saved once, not with the raw weights
+            raw.update({k: v for k, v in ema.items() if k.startswith("gallery.") and k not in raw})
             self.model.load_persistent_state_dict(raw, f"{str(path)!r}: train_model")
-            self.ema.load_persistent_state_dict(tensors["model"], f"{str(path)!r}: model")
+            self.ema.load_persistent_state_dict(ema, f"{str(path)!r}: model")
             self.opt.load_state_dict(_unflatten_optimizer(tensors["optimizer"], st["optimizer"]))
             self.sched.load_state_dict(st["scheduler"])
             self.step, self.history = int(st["step"]), list(st["history"])

@@ -158,6 +158,49 @@ def read_checkpoint(directory: PathLike, map_location: Union[str, torch.device] 
     return tensors, documents
 
 
+def _content_sha256(tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_shared(root: PathLike, kind: str, tensors: Mapping[str, Tensor]) -> Dict[str, str]:
+    """Writes ``tensors`` once, as the checkpoint directory ``root/{kind}-{hash}`` named by their content's
+    SHA-256 (already there: nothing is written), and returns the reference a checkpoint stores instead of a
+    copy: {"directory": its name, "sha256": its file's SHA-256}.  Why: a trainer's step checkpoints share one
+    retrieval gallery (gigabytes at MP16 size) rather than each carrying it."""
+    name = f"{kind}-{_content_sha256(tensors)[:16]}"
+    directory = Path(root) / name
+    if not (directory / MANIFEST).is_file():
+        write_checkpoint(directory, {kind: tensors}, {})
+    files = _verified_manifest(directory)
+    return {"directory": name, "sha256": files[f"{kind}.safetensors"]["sha256"]}
+
+
+def read_shared(checkpoint: PathLike, ref: object, kind: str) -> Dict[str, Tensor]:
+    """The tensors a checkpoint references with ``write_shared``'s reference (a sibling directory of the
+    checkpoint), verified: the directory's manifest and hashes, and the file being the one referenced."""
+    checkpoint = Path(checkpoint)
+    name = ref.get("directory") if isinstance(ref, dict) else None
+    sha = ref.get("sha256") if isinstance(ref, dict) else None
+    if not (isinstance(name, str) and name.startswith(f"{kind}-") and len(name) == len(kind) + 17
+            and all(c in "0123456789abcdef" for c in name[len(kind) + 1:]) and isinstance(sha, str)):
+        raise CheckpointError(f"{str(checkpoint)!r}: its {kind} reference {ref!r} is not valid")
+    directory = checkpoint.parent / name
+    if not directory.is_dir():
+        raise CheckpointError(f"{str(checkpoint)!r} stores its {kind} once for the whole run, in {str(directory)!r}, "
+                              "which is missing: copy the run directory whole, or share a model written by "
+                              "save_pretrained (final/), which holds everything")
+    tensors, _ = read_checkpoint(directory)
+    files = _verified_manifest(directory)
+    if kind not in tensors or files.get(f"{kind}.safetensors", {}).get("sha256") != sha:
+        raise CheckpointError(f"{str(directory)!r} holds another {kind} than {str(checkpoint)!r} was written with")
+    return tensors[kind]
+
+
 def list_checkpoints(root: PathLike, prefix: str = "step_") -> list:
     """Complete checkpoints (those with a manifest) under ``root``, oldest step first."""
     root = Path(root)

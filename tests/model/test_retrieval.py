@@ -162,3 +162,62 @@ def test_knn_density_finds_where_the_lookalikes_concentrate_and_gives_a_map():
         KNNDensity(emb, coords, temperature=float("nan"))
     with pytest.raises(ValueError, match="emb"):
         dens.predict(torch.randn(2, 5))
+
+
+def test_step_checkpoints_reference_one_gallery_per_run(tmp_path):
+    """The trainer stores the gallery once per run (gallery-<content hash>/), never in a step checkpoint:
+    step checkpoints stay weights + optimizer at any gallery size, load as models and resume with the
+    gallery, and a missing or other gallery is a named error.  final/ stays self-contained."""
+    import json
+    import shutil
+
+    from locdiff_ext.data import EmbeddingDataset
+    from locdiff_ext.data.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+    from locdiff_ext.train import Trainer, TrainConfig
+
+    _, emb, coords = _gallery(3000, dim=8)
+    data = EmbeddingDataset(emb, coords)
+    cfg = TrainConfig(steps=6, batch_size=32, eval_every=0, checkpoint_every=2, keep_last=2)
+    Trainer(tiny_model(cond_dim=8, retrieval_k=3), data, tmp_path / "run", cfg, progress=False).fit()
+    run = tmp_path / "run"
+    shared = sorted(run.glob("gallery-*"))
+    assert len(shared) == 1 and (shared[0] / "gallery.safetensors").stat().st_size > 3000 * 10 * 4
+    steps = list_checkpoints(run)
+    assert len(steps) == 2
+    plain = tmp_path / "plain"  # the same run without retrieval: its checkpoints' size
+    Trainer(tiny_model(cond_dim=8), data, plain, cfg, progress=False).fit()
+    size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
+    assert size(steps[-1]) < 1.5 * size(latest_checkpoint(plain))  # weights + optimizer only
+    for p in steps:
+        assert json.loads((p / "gallery_ref.json").read_text())["directory"] == shared[0].name
+    m = ld.LocDiff.from_pretrained(steps[-1])
+    final = ld.LocDiff.from_pretrained(run / "final")
+    assert len(m.gallery) == len(final.gallery) == 3000
+    torch.testing.assert_close(m.gallery.embeddings, final.gallery.embeddings)
+    torch.testing.assert_close(m.predict(emb[:3], seed=0)[0], final.predict(emb[:3], seed=0)[0])
+    # a run killed after step 4 resumes from its checkpoint, gallery included, to the same final model
+    shutil.rmtree(run / "final")
+    shutil.rmtree(steps[-1])
+    Trainer(tiny_model(cond_dim=8, retrieval_k=3), data, run, cfg, progress=False).fit()
+    assert sorted(run.glob("gallery-*")) == shared
+    again = ld.LocDiff.from_pretrained(run / "final")
+    for k, v in final.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
+    # a step checkpoint copied without its run's gallery, and one beside another gallery: named errors
+    lone = tmp_path / "lone" / steps[-1].name
+    shutil.copytree(list_checkpoints(run)[-1], lone)
+    with pytest.raises(CheckpointError, match="stores its gallery once for the whole run.*missing"):
+        ld.LocDiff.from_pretrained(lone)
+    shutil.copytree(shared[0], lone.parent / shared[0].name)
+    ld.LocDiff.from_pretrained(lone)
+    g = lone.parent / shared[0].name
+    other = Trainer(tiny_model(cond_dim=8, retrieval_k=3), EmbeddingDataset(emb[:500], coords[:500]),
+                    tmp_path / "other", TrainConfig(steps=2, batch_size=32, eval_every=0), progress=False)
+    other.fit()
+    shutil.rmtree(g)
+    shutil.copytree(next((tmp_path / "other").glob("gallery-*")), g)
+    with pytest.raises(CheckpointError, match="holds another gallery"):
+        ld.LocDiff.from_pretrained(lone)
+    # overwrite removes the run's gallery with its checkpoints
+    Trainer(tiny_model(cond_dim=8), data, run, cfg, progress=False).fit(overwrite=True)
+    assert not list(run.glob("gallery-*"))
