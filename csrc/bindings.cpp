@@ -150,13 +150,7 @@ PYBIND11_MODULE(_C, m) {
                           int L, int top_k, int nlat, int nlon, int candidates, int max_iter,
                           double min_separation, int dtype, int device, uintptr_t stream) {
     check_dtype(dtype);
-    DecodeOptions opt;
-    opt.top_k = top_k;
-    opt.nlat = nlat;
-    opt.nlon = nlon;
-    opt.candidates = candidates;
-    opt.max_iter = max_iter;
-    opt.min_separation = min_separation;
+    const DecodeOptions opt = locdiff::decode_options(top_k, nlat, nlon, candidates, max_iter, min_separation);
     LOCDIFF_DISPATCH(dtype, device,
         locdiff::cpu::shdd_decode<T>(ptr<T>(coeffs), ptr<T>(out_coords), ptr<T>(out_scores), batch, L, opt),
         locdiff::cuda::shdd_decode<T>(ptr<T>(coeffs), ptr<T>(out_coords), ptr<T>(out_scores), batch, L, opt,

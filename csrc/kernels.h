@@ -16,6 +16,19 @@ struct DecodeOptions {
   double min_separation = 0;  // radians between returned modes; <= 0 -> pi / (L + 1)
 };
 
+// The options as the bindings receive them (the Python module and the emulated CUDA entry points).
+inline DecodeOptions decode_options(int top_k, int nlat, int nlon, int candidates, int max_iter,
+                                    double min_separation) {
+  DecodeOptions opt;
+  opt.top_k = top_k;
+  opt.nlat = nlat;
+  opt.nlon = nlon;
+  opt.candidates = candidates;
+  opt.max_iter = max_iter;
+  opt.min_separation = min_separation;
+  return opt;
+}
+
 // Bits of the CPU sh_basis result: coordinates it refused (their rows are left unspecified).
 constexpr int kBadNonFinite = 1;  // a NaN or infinite lat or lon
 constexpr int kBadLatitude = 2;   // |lat| > 90

@@ -59,13 +59,7 @@ int locdiff_simt_sh_synthesis(int dtype, uintptr_t coeffs, uintptr_t out, int64_
 int locdiff_simt_shdd_decode(int dtype, uintptr_t coeffs, uintptr_t out_coords, uintptr_t out_scores, int64_t batch,
                              int L, int top_k, int nlat, int nlon, int candidates, int max_iter,
                              double min_separation, char* err, size_t errlen) {
-  locdiff::DecodeOptions opt;
-  opt.top_k = top_k;
-  opt.nlat = nlat;
-  opt.nlon = nlon;
-  opt.candidates = candidates;
-  opt.max_iter = max_iter;
-  opt.min_separation = min_separation;
+  const locdiff::DecodeOptions opt = locdiff::decode_options(top_k, nlat, nlon, candidates, max_iter, min_separation);
   LOCDIFF_SIMT_DISPATCH(locdiff::cuda::shdd_decode<T>(ptr<T>(coeffs), ptr<T>(out_coords), ptr<T>(out_scores), batch,
                                                       L, opt, nullptr));
 }

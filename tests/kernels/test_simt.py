@@ -197,7 +197,7 @@ def test_kernels_under_sanitizer(tmp_path, sanitizer):
         exe = simt.build(tmp_path, sanitizer, main=simt.ROOT / "tests" / "kernels" / "simt_driver.cpp")
     except RuntimeError as e:
         if "sanitize" in str(e) and ("cannot find" in str(e) or "No such file" in str(e)):
-            pytest.skip(f"no {sanitizer} sanitizer runtime for this compiler")
+            pytest.skip(reason=f"no {sanitizer} sanitizer runtime for this compiler")
         raise
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66", ASAN_OPTIONS="detect_leaks=0")  # the device tables live as long as the process, as on a GPU
     proc = subprocess.run([str(exe), "quick"], capture_output=True, text=True, timeout=600, env=env)
