@@ -1,7 +1,7 @@
-"""Console script ``locdiff``: demo | train | eval | predict | bench (``locdiff <command> --help``).
+"""Console script ``locdiff``: demo | train | eval | predict | store | bench (``locdiff <command> --help``).
 
-``train`` reads an (embeddings, coords) file, ``eval`` prints the metrics table of a model on
-one, ``predict`` geolocates images or embedding files, ``bench`` times the kernels and a sampling
+``train`` reads an (embeddings, coords) file or store, ``eval`` prints the metrics table of a model on
+one, ``store`` builds, indexes and checks the on-disk embedding stores that large datasets are read from, ``predict`` geolocates images or embedding files, ``bench`` times the kernels and a sampling
 step here.  Multi-GPU: ``torchrun --nproc_per_node=N -m locdiff_ext train ...``.
 """
 
@@ -118,9 +118,37 @@ def _bench_sampling(device: torch.device, quick: bool = False) -> None:
 
 
 def _load_data(path: str, coords: Optional[str]):
-    from .data import load_dataset
+    """An embedding store directory (opened memory-mapped) or a data file (read into memory)."""
+    from .data import open_dataset
 
-    return load_dataset(path, coords)
+    return open_dataset(path, coords)
+
+
+def _store(args) -> int:
+    from .data.index import GalleryIndex, recall_at_k
+    from .data.store import EmbeddingStore, build_store
+
+    if args.store_command == "build":
+        store = build_store(args.source, args.out, args.coords, args.dtype, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+        print(f"wrote {store} ({store.nbytes() / 1e6:,.1f} MB)")
+        return 0
+    store = EmbeddingStore(args.store)
+    if args.store_command == "index":
+        index = GalleryIndex.build(store, args.kind, nprobe=args.nprobe, progress=not args.no_progress)
+        index.save()
+        g = torch.Generator().manual_seed(0)
+        q = store.take(torch.randint(0, len(store), (min(1000, len(store)),), generator=g)).embeddings
+        q = q + 0.05 * q.norm(dim=1, keepdim=True) / q.shape[1] ** 0.5 * torch.randn(q.shape, generator=g)
+        r = recall_at_k(index, q / q.norm(dim=1, keepdim=True), 8)
+        print(f"{store.path}: index {index.kind} saved; recall@8 against exact search on {len(q)} perturbed rows: {r:.3f}")
+    elif args.store_command == "verify":
+        store.verify()
+        print(f"{store}: every byte matches its content SHA-256")
+    else:  # info
+        print(json.dumps(dict(store.header, path=str(store.path), bytes_on_disk=store.nbytes(),
+                              files=sorted(p.name for p in store.path.iterdir())), indent=1))
+    return 0
 
 
 def _train(args) -> int:
@@ -137,7 +165,7 @@ def _train(args) -> int:
     val = _load_data(args.val, args.val_coords) if args.val else None
     model_cfg = dict(cfg_file.get("model", {}))
     model_cfg["cond_dim"] = data.dim
-    for key in ("L", "widths", "dropout", "loss", "prediction", "cond_drop_prob"):
+    for key in ("L", "widths", "dropout", "loss", "prediction", "cond_drop_prob", "retrieval_k"):
         if getattr(args, key) is not None:
             model_cfg[key] = getattr(args, key)
     train_cfg = dict(cfg_file.get("train", {}))
@@ -191,9 +219,13 @@ def _eval(args) -> int:
         raise ValueError(f"--json: {args.json!r} is a directory; give the name of the JSON file to write")
     model = _load_model(args)
     data = _load_data(args.data, args.coords)
-    coords, _, _ = model.predict(data.embeddings, num_samples=args.num_samples, steps=args.steps,
-                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-    rows = {"LocDiff": geolocation_metrics(coords[:, 0], data.coords)}
+    preds, truth = [], []
+    for part in data.chunks(65536):  # a store is read a chunk at a time
+        coords, _, _ = model.predict(part.embeddings, num_samples=args.num_samples, steps=args.steps,
+                                     batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+        preds.append(coords[:, 0])
+        truth.append(part.coords)
+    rows = {"LocDiff": geolocation_metrics(torch.cat(preds), torch.cat(truth))}
     print(markdown_table(rows))
     if args.json:
         write_report(args.json, rows, {"model": str(args.model), "data": args.data})
@@ -261,8 +293,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="locdiff", description="LocDiff geolocalization")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a LocDiff model on an (embeddings, coords) file",
-                       description="Train on DATA (.npz/.safetensors with 'embeddings' and 'coords', .parquet "
+    p = sub.add_parser("train", help="train a LocDiff model on an (embeddings, coords) file or store",
+                       description="Train on DATA (a store directory from `locdiff store build`, read "
+                                   "memory-mapped; or .npz/.safetensors with 'embeddings' and 'coords', .parquet "
                                    "with lat/lon and embedding columns, or .npy embeddings with --coords).")
     p.add_argument("data")
     p.add_argument("--coords", help=".npy of [N, 2] (lat, lon) when DATA is an .npy of embeddings")
@@ -277,6 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--loss", choices=["shdd_kl", "mse"])
     p.add_argument("--prediction", choices=["x0", "epsilon"])
     p.add_argument("--cond-drop-prob", type=float)
+    p.add_argument("--retrieval-k", type=int, help="LocDiff-R: condition on the k most similar training rows (default 0)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: about 50 epochs, 1,000 to 20,000)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -323,6 +357,30 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "a small CNN trained on the training crops' geography")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("store", help="on-disk embedding stores for large datasets: build | index | verify | info",
+                       description="A store is a directory of .npy files (float16/float32 embeddings, float64 "
+                                   "coords) that train, eval and the gallery of a retrieval model read memory-mapped.")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    q = ssub.add_parser("build", help="write a store from a data file or an embedding cache")
+    q.add_argument("source", help=".npz/.safetensors/.parquet, an .npy of embeddings (with --coords), or an "
+                                  "embedding cache directory (embed_images; with --coords)")
+    q.add_argument("out", help="the store directory to write")
+    q.add_argument("--coords", help=".npy of [N, 2] (lat, lon) for an .npy or a cache")
+    q.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="embedding dtype on disk (default float16: half the disk and page cache)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--no-progress", action="store_true")
+    q = ssub.add_parser("index", help="build the gallery index of a store (exact, or FAISS above 200k x 768)")
+    q.add_argument("store")
+    q.add_argument("--kind", help="'exact' or a FAISS factory string (default: by size, see data/index.py)")
+    q.add_argument("--nprobe", type=_positive_int, default=16)
+    q.add_argument("--no-progress", action="store_true")
+    q = ssub.add_parser("verify", help="re-read every byte of a store and check its content hash")
+    q.add_argument("store")
+    q = ssub.add_parser("info", help="a store's header and files")
+    q.add_argument("store")
+    p.set_defaults(func=_store)
 
     p = sub.add_parser("bench", help="time the SH kernels and a sampling step on this machine")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default cpu)")

@@ -22,13 +22,15 @@ from torch import Tensor, nn
 
 from .checks import check_fits, check_float, check_int, validate_embeddings
 from .data.checkpoint import CheckpointError, read_checkpoint, read_shared, write_checkpoint
+from .data.index import GalleryIndex
+from .data.store import EmbeddingStore, StoreError
 from .encoders import STORED_ENCODERS, ImageEncoder, build_image_encoder
 from .kernels.geometry import unit_rows
 from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss,
                               mse_loss)
-from .model.retrieval import Gallery, neighbour_features, sample_holdout
+from .model.retrieval import Gallery, neighbour_features, sample_holdout, visible_neighbours
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
 from .progress import Progress
@@ -191,7 +193,8 @@ class LocDiff(nn.Module):
                             prior_dim=2 * K if k else 0)
 
     @classmethod
-    def check_weights_match(cls, config: LocDiffConfig, state: Dict[str, Tensor], source: str) -> None:
+    def check_weights_match(cls, config: LocDiffConfig, state: Dict[str, Tensor], source: str,
+                            gallery_in_state: bool = True) -> None:
         """Compares the weights a config implies (the denoiser and a stored image encoder, built on the
         meta device: no memory) with ``state``, before any real allocation: a config.json edited to
         widths [12000, 12000] beside a 45 KB model fails here, not after allocating gigabytes."""
@@ -205,7 +208,7 @@ class LocDiff(nn.Module):
         except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{source}: the config cannot be built: {exc}") from None
         n = 0  # gallery entries
-        if config.retrieval_k:
+        if config.retrieval_k and gallery_in_state:
             g = state.get("gallery.embeddings")
             n = g.shape[0] if g is not None else 0
             expected.update({"gallery.embeddings": (n, config.cond_dim), "gallery.coords": (n, 2)})
@@ -282,23 +285,43 @@ class LocDiff(nn.Module):
                              f"[N, {self.config.cond_dim}] instead")
         return self.image_encoder.preprocess(inputs), True
 
-    def set_gallery(self, embeddings, coords) -> "LocDiff":
+    def set_gallery(self, embeddings, coords=None) -> "LocDiff":
         """The reference (embedding, location) pairs a retrieval-conditioned model (retrieval_k > 0)
-        looks up; usually its training data (the Trainer sets that when the gallery is empty)."""
+        looks up; usually its training data (the Trainer sets that when the gallery is empty).  Either
+        in-memory arrays (``embeddings`` [G, D], ``coords`` [G, 2]), copied into the model and saved with it,
+        or a whole ``EmbeddingStore`` (or its ``GalleryIndex``), memory-mapped and referenced by path and
+        content hash: the store's saved index if it has one, else a new default one (saved beside it)."""
         if self.gallery is None:
             raise ValueError("set_gallery: this model has retrieval_k=0 (no gallery)")
-        self.gallery.set(embeddings, coords)
+        if isinstance(embeddings, (EmbeddingStore, GalleryIndex)):
+            if coords is not None:
+                raise ValueError("set_gallery: a store holds its own coords; pass the store alone")
+            index = embeddings if isinstance(embeddings, GalleryIndex) else GalleryIndex.open_or_build(embeddings)
+            self.gallery.attach(index)
+        else:
+            if coords is None:
+                raise ValueError("set_gallery: pass coords [G, 2] with the embeddings (or an EmbeddingStore alone)")
+            self.gallery.set(embeddings, coords)
+            self.gallery.index = None
         return self
 
-    def _net_condition(self, cond: Tensor, coords: Optional[Tensor] = None) -> Tensor:
+    def _net_condition(self, cond: Tensor, coords: Optional[Tensor] = None,
+                       neighbours: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """What the denoiser is conditioned on: the embeddings, plus for a retrieval-conditioned model
         its neighbours' features and prior (locdiff_ext.model.retrieval); given the true ``coords``
-        (training), the gallery within a random hold-out region around each is hidden."""
+        (training), the gallery within a random hold-out region around each is hidden.  ``neighbours``
+        (similarities [B, K'], coords [B, K', 2]): each row's precomputed candidates (a store's neighbour
+        lists), from which the visible ones are taken instead of searching the gallery."""
         if self.gallery is None:
             return cond
         k = self.config.retrieval_k
         centre, radius = (None, None) if coords is None else sample_holdout(coords, self.config.retrieval_holdout_km)
-        sims, nb = self.gallery.search(unit_rows(cond.float()), k, centre, radius)
+        if neighbours is not None:
+            if coords is None:
+                raise ValueError("neighbours: candidate lists are for training rows (pass their coords)")
+            sims, nb = visible_neighbours(neighbours[0], neighbours[1], k, centre, radius)
+        else:
+            sims, nb = self.gallery.search(unit_rows(cond.float()), k, centre, radius)
         feats, prior = neighbour_features(sims.to(cond.device), nb.to(cond.device), self.shdd,
                                           self.config.retrieval_temperature)
         return torch.cat([cond.float(), feats, prior], dim=-1)
@@ -306,13 +329,14 @@ class LocDiff(nn.Module):
     # ------------------------------------------------------------------ training
     def training_loss(self, cond: Tensor, coords: Tensor, t: Tensor, noise: Tensor,
                       drop_mask: Optional[Tensor] = None, denoiser: Optional[nn.Module] = None,
-                      amp_dtype: Optional[torch.dtype] = None):
+                      amp_dtype: Optional[torch.dtype] = None, neighbours: Optional[Tuple[Tensor, Tensor]] = None):
         """Diffusion loss of one batch: (loss, {name: value}).  ``cond`` are conditioned embeddings
         (see ``condition``), ``t``/``noise``/``drop_mask`` the random draws (the trainer makes them,
         so that they are reproducible); ``denoiser`` defaults to ``self.net`` (DDP passes its wrapper).
-        With ``amp_dtype`` the network runs under autocast; the loss is always computed in float32."""
+        With ``amp_dtype`` the network runs under autocast; the loss is always computed in float32.
+        ``neighbours``: the rows' precomputed gallery candidates (``_net_condition``)."""
         net = denoiser or self.net
-        cond = self._net_condition(cond, coords)
+        cond = self._net_condition(cond, coords, neighbours)
         x0 = self.shdd(coords).to(noise.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
         with torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
@@ -432,22 +456,80 @@ class LocDiff(nn.Module):
     # ------------------------------------------------------------------ persistence
     def persistent_state_dict(self) -> Dict[str, Tensor]:
         """The weights that are saved: all but those of an image encoder that is referenced by its
-        config (a CLIP tower in the user's cache) rather than stored."""
+        config (a CLIP tower in the user's cache) rather than stored, and a store-backed gallery's
+        (empty) buffers: the store is referenced (``gallery_store_ref``)."""
         external = self.image_encoder is not None and not self.image_encoder.stores_weights
-        return {k: v for k, v in self.state_dict().items() if not (external and k.startswith("image_encoder."))}
+        stored = self.gallery_store_ref() is not None
+        return {k: v for k, v in self.state_dict().items()
+                if not (external and k.startswith("image_encoder.")) and not (stored and k.startswith("gallery."))}
+
+    def gallery_store_ref(self) -> Optional[Dict[str, Any]]:
+        """How a saved model names its store-backed gallery (None for an in-memory one): the store's path and
+        content hash, and the index kind."""
+        store = self.gallery.store if self.gallery is not None else None
+        if store is None:
+            return None
+        return {"path": str(store.path.resolve()), "store_sha256": store.header["content_sha256"],
+                "rows": len(store), "dim": store.dim, "index": self.gallery.index.kind}
+
+    @staticmethod
+    def open_gallery_store(directory: PathLike, ref: Any) -> GalleryIndex:
+        """The gallery a saved model references (``gallery_store_ref``; a relative path is relative to
+        ``directory``), checked to hold the data the model was saved with, with its saved index."""
+        if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("store_sha256"), str)):
+            raise CheckpointError(f"{str(directory)!r}: its gallery_store reference {ref!r} is not valid")
+        path = Path(ref["path"])
+        path = path if path.is_absolute() else Path(directory) / path
+        try:
+            store = EmbeddingStore(path)
+        except (FileNotFoundError, StoreError) as exc:
+            raise CheckpointError(f"{str(directory)!r} references its retrieval gallery, the store {str(path)!r}, "
+                                  f"which cannot be opened: {exc}. Move the store back, or save the model with "
+                                  "save_pretrained(..., copy_gallery=True) to share it whole") from None
+        if store.header["content_sha256"] != ref["store_sha256"]:
+            raise CheckpointError(f"{str(directory)!r}: the store {str(path)!r} holds other data than the gallery "
+                                  "the model was saved with (content SHA-256 differs)")
+        if ref.get("index", "exact") == "exact":
+            return GalleryIndex(store, "exact")
+        try:
+            index = GalleryIndex.load(store)
+        except (FileNotFoundError, StoreError) as exc:
+            raise CheckpointError(f"{str(directory)!r}: the gallery index beside {str(path)!r}: {exc}") from None
+        if index.kind != ref.get("index"):
+            raise CheckpointError(f"{str(directory)!r}: the gallery index beside {str(path)!r} is {index.kind!r}, "
+                                  f"the model was saved with {ref.get('index')!r}")
+        return index
 
     def load_persistent_state_dict(self, state: Dict[str, Tensor], source: str = "weights") -> None:
         if self.gallery is not None:
             self.gallery.resize_like(state, "gallery.")
         missing, unexpected = self.load_state_dict(state, strict=False)
         external = self.image_encoder is not None and not self.image_encoder.stores_weights
-        missing = [k for k in missing if not (external and k.startswith("image_encoder."))]
+        stored = self.gallery_store_ref() is not None
+        missing = [k for k in missing if not (external and k.startswith("image_encoder."))
+                   and not (stored and k.startswith("gallery."))]
         if missing or unexpected:
             raise CheckpointError(f"{source} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    def save_pretrained(self, directory: PathLike) -> Path:
-        """Writes config.json + model.safetensors (+ manifest) atomically."""
-        return write_checkpoint(directory, {"model": self.persistent_state_dict()}, {"config": self.config.to_dict()})
+    def save_pretrained(self, directory: PathLike, copy_gallery: bool = False) -> Path:
+        """Writes config.json + model.safetensors (+ manifest) atomically.  A store-backed gallery is
+        referenced by path and content hash (gallery.json), not copied; ``copy_gallery=True`` copies the
+        store (and its index) into ``directory/gallery/`` instead, for a model to share whole."""
+        docs: Dict[str, Any] = {"config": self.config.to_dict()}
+        ref = self.gallery_store_ref()
+        if ref is not None:
+            docs["gallery"] = dict(ref, path="gallery") if copy_gallery else ref
+        out = write_checkpoint(directory, {"model": self.persistent_state_dict()}, docs)
+        if ref is not None and copy_gallery:
+            import shutil
+
+            src, dst = self.gallery.store.path, Path(directory) / "gallery"
+            dst.mkdir(exist_ok=True)
+            files = sorted(p for p in src.iterdir() if p.is_file() and (p.suffix == ".npy" or p.name.startswith("index."))
+                           and not p.name.startswith("neighbours-"))
+            for p in files + [src / "store.json"]:  # the header last: a half-copied store does not open
+                shutil.copyfile(p, dst / p.name)
+        return out
 
     @staticmethod
     def checkpoint_state(directory: PathLike, tensors: Dict[str, Dict[str, Tensor]], docs: Dict) -> Dict[str, Tensor]:
@@ -469,11 +551,19 @@ class LocDiff(nn.Module):
             config = LocDiffConfig.from_dict(docs["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
-        cls.check_weights_match(config, tensors["model"], f"{str(directory)!r}: the weights")
+        store_ref = docs.get("gallery")
+        cls.check_weights_match(config, tensors["model"], f"{str(directory)!r}: the weights",
+                                gallery_in_state=store_ref is None)
+        index = cls.open_gallery_store(directory, store_ref) if store_ref is not None else None
         try:
             model = cls(config)
         except (TypeError, ValueError) as exc:  # e.g. an image encoder config its class refuses
             raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
+        if index is not None:
+            if model.gallery is None:
+                raise CheckpointError(f"{str(directory)!r}: gallery.json references a gallery but the config has "
+                                      "retrieval_k = 0")
+            model.gallery.attach(index)
         try:
             model.load_persistent_state_dict(tensors["model"], f"{str(directory)!r}: the weights")
         except RuntimeError as exc:

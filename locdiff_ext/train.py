@@ -23,7 +23,6 @@ is why a W-process run matches the 1-process run up to float summation order.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,8 @@ from .checks import check_float, check_int
 from .data.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
                               remove_stale_temporaries, write_checkpoint, write_shared)
 from .data.datasets import EmbeddingDataset
+from .data.index import GalleryIndex, NeighbourLists
+from .data.store import EmbeddingStore
 from .evaluation.metrics import geolocation_metrics
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
@@ -113,14 +114,14 @@ RESUMABLE_CHANGES = ("eval_every", "eval_size", "eval_samples", "eval_steps", "c
                      "log_every")
 
 
-def data_fingerprint(data: EmbeddingDataset) -> Dict[str, Any]:
-    """Rows, width and a SHA-256 of an evenly strided sample of at most ~4096 rows: cheap even for
-    millions of rows, and enough to tell that a resumed run would train on other data."""
-    stride = max(1, len(data) // 4096)
-    h = hashlib.sha256()
-    h.update(data.embeddings[::stride].contiguous().numpy().tobytes())
-    h.update(data.coords[::stride].contiguous().numpy().tobytes())
-    return {"rows": len(data), "dim": data.dim, "sample_sha256": h.hexdigest()}
+Data = Union[EmbeddingDataset, EmbeddingStore]
+NEIGHBOUR_CANDIDATES = 64  # K': each training row's precomputed gallery candidates (a store's neighbour lists)
+
+
+def data_fingerprint(data: Data) -> Dict[str, Any]:
+    """What identifies the training data of a run without re-reading it (``fingerprint()`` of an
+    EmbeddingDataset: a strided sample's SHA-256; of an EmbeddingStore: its header's content hash)."""
+    return data.fingerprint()
 
 
 def run_files(out_dir: PathLike) -> List[Path]:
@@ -192,9 +193,10 @@ class Trainer:
     ``LocDiff.from_pretrained`` loads them; raw weights, optimizer and LR state for resuming).
     ``out_dir/final/``: the EMA model (``save_pretrained``) once training ends."""
 
-    def __init__(self, model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike,
-                 config: Optional[TrainConfig] = None, val_data: Optional[EmbeddingDataset] = None,
-                 progress: bool = True, device: Union[str, torch.device, None] = None):
+    def __init__(self, model: LocDiff, train_data: Data, out_dir: PathLike,
+                 config: Optional[TrainConfig] = None, val_data: Optional[Data] = None,
+                 progress: bool = True, device: Union[str, torch.device, None] = None,
+                 neighbour_candidates: int = NEIGHBOUR_CANDIDATES):
         self.cfg = config or TrainConfig()
         if train_data.dim != model.config.cond_dim:
             raise ValueError(f"train_data: embeddings have width {train_data.dim} but the model expects "
@@ -212,8 +214,12 @@ class Trainer:
             raise ValueError(f"batch_size {self.cfg.batch_size} must be divisible by the {self.world} processes")
         if len(train_data) < self.cfg.batch_size:
             raise ValueError(f"train_data has {len(train_data)} rows, fewer than batch_size={self.cfg.batch_size}")
+        self.neighbours: Optional[NeighbourLists] = None
         if model.gallery is not None and len(model.gallery) == 0:  # retrieval over the training data
-            model.set_gallery(train_data.embeddings, train_data.coords)
+            if isinstance(train_data, EmbeddingStore):
+                self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
+            else:
+                model.set_gallery(train_data.embeddings, train_data.coords)
         self.model = model.to(self.device).train()
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir)
@@ -221,8 +227,6 @@ class Trainer:
             raise ValueError(f"out_dir {str(self.out_dir)!r} is a file, not a directory")
         self.data_fingerprint = data_fingerprint(train_data)
         self.progress = progress
-        self.cond = self._normalize(train_data.embeddings.to(self.device))
-        self.coords = train_data.coords.to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = [p for p in self.model.net.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -242,6 +246,38 @@ class Trainer:
 
     def _normalize(self, e: Tensor) -> Tensor:
         return unit_rows(e) if self.model.config.normalize_condition else e
+
+    def _store_gallery(self, model: LocDiff, store: EmbeddingStore, k: int, progress: bool) -> NeighbourLists:
+        """A retrieval model trained on a store: the store is its gallery (its saved index, or a new one) and
+        each step's neighbours come from the store's neighbour lists (built once, beside it, by rank 0;
+        the others wait and open them).  Why: a step's cost must not grow with the gallery (data/index.py)."""
+        if not store.is_whole:
+            raise ValueError("train_data: a retrieval model's training store is also its gallery, so it must be a "
+                             "whole store, not a view (split/subset); give validation data as its own store "
+                             "(val_data), or train with eval_every=0")
+        if k < model.config.retrieval_k:
+            raise ValueError(f"neighbour_candidates {k} < retrieval_k {model.config.retrieval_k}")
+        show = progress and self.rank == 0
+        if self.rank == 0:
+            index = GalleryIndex.open_or_build(store, progress=show)
+            lists = NeighbourLists.build(index, k, progress=show)
+        if self.world > 1:
+            dist.barrier()
+        if self.rank != 0:
+            index, lists = GalleryIndex.load(store), NeighbourLists(store, k)
+        model.set_gallery(index)
+        return lists
+
+    def batch(self, rows: Tensor):
+        """(conditioned embeddings, coords, gallery candidates or None) of training rows ``rows``: read from
+        the data (a store reads only these rows), normalised per batch."""
+        part = self.train_data.take(rows)
+        cond = self._normalize(part.embeddings.to(self.device))
+        neighbours = None
+        if self.neighbours is not None:
+            sims, idx = self.neighbours.take(rows)
+            neighbours = (sims, self.model.gallery.store_coords(idx))
+        return cond, part.coords.to(self.device), neighbours
 
     # ------------------------------------------------------------------ randomness of one step
     def global_batch(self, step: int) -> Tensor:
@@ -267,11 +303,11 @@ class Trainer:
     # ------------------------------------------------------------------ one optimisation step
     def train_step(self, step: int) -> Tensor:
         mine = slice(self.rank, None, self.world)
-        idx = self.global_batch(step)[mine].to(self.device)
+        cond, coords, neighbours = self.batch(self.global_batch(step)[mine])
         t, noise, drop = (x[mine].to(self.device) for x in self.draws(step))
         torch.manual_seed(_step_seed(self.cfg.seed, step, 3 + self.rank))  # the network's dropout
-        loss, _ = self.model.training_loss(self.cond[idx], self.coords[idx], t, noise, drop,
-                                           denoiser=self.denoiser, amp_dtype=self.amp_dtype)
+        loss, _ = self.model.training_loss(cond, coords, t, noise, drop, denoiser=self.denoiser,
+                                           amp_dtype=self.amp_dtype, neighbours=neighbours)
         if not bool(torch.isfinite(loss)):
             raise self._diverged(step, f"the loss is {float(loss.detach())}")
         self.opt.zero_grad(set_to_none=True)
@@ -302,7 +338,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Metrics of the EMA model on (the first eval_size rows of) the validation set."""
-        val = self.val_data.subset(slice(0, self.cfg.eval_size))
+        val = self.val_data.take(slice(0, min(self.cfg.eval_size, len(self.val_data))))
         coords, _, _ = self.ema.predict(val.embeddings, num_samples=self.cfg.eval_samples,
                                         steps=self.cfg.eval_steps, seed=self.cfg.seed)
         return geolocation_metrics(coords[:, 0], val.coords)
@@ -319,7 +355,9 @@ class Trainer:
             return {k: v for k, v in m.persistent_state_dict().items() if not k.startswith("gallery.")}
 
         docs = {"config": self.model.config.to_dict(), "trainer_state": state}
-        if self.ema.gallery is not None and len(self.ema.gallery):
+        if self.ema.gallery_store_ref() is not None:  # a store: referenced by path and content hash
+            docs["gallery"] = self.ema.gallery_store_ref()
+        elif self.ema.gallery is not None and len(self.ema.gallery):
             if self._gallery_ref is None:  # hashed and, unless already there, written once per run start
                 g = self.ema.gallery
                 self._gallery_ref = write_shared(self.out_dir, "gallery", {"embeddings": g.embeddings,
@@ -445,8 +483,8 @@ class Trainer:
         return self.history
 
 
-def train(model: LocDiff, train_data: EmbeddingDataset, out_dir: PathLike, config: Optional[TrainConfig] = None,
-          val_data: Optional[EmbeddingDataset] = None, resume: bool = True, progress: bool = True,
+def train(model: LocDiff, train_data: Data, out_dir: PathLike, config: Optional[TrainConfig] = None,
+          val_data: Optional[Data] = None, resume: bool = True, progress: bool = True,
           device: Union[str, torch.device, None] = None, overwrite: bool = False) -> LocDiff:
     """Trains ``model`` and returns its EMA version (also saved to out_dir/final); ``resume`` and
     ``overwrite`` as in ``Trainer.fit``."""

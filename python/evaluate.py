@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from locdiff_ext import LocDiff
-from locdiff_ext.data import load_dataset
+from locdiff_ext.data import EmbeddingStore, load_dataset, open_dataset
 from locdiff_ext.evaluation import KNNRetrieval, geolocation_metrics, locdiff_h, markdown_table, write_report
 
 # % within 1 / 25 / 200 / 750 / 2500 km on Im2GPS3k as published (shared/paper-notes.md)
@@ -35,7 +35,9 @@ def main(argv=None):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LocDiff.from_pretrained(args.model, map_location=device)
-    data = load_dataset(args.data)
+    data = open_dataset(args.data)
+    if isinstance(data, EmbeddingStore):  # a test set (Im2GPS3k: 3k rows) is read into memory
+        data = data.take(slice(None))
     modes, _, _ = model.predict(data.embeddings, num_samples=args.num_samples, steps=args.steps,
                                 batch_size=args.batch_size)
     rows = {"LocDiff (ours)": geolocation_metrics(modes[:, 0], data.coords)}

@@ -13,7 +13,7 @@ weights must be in a local directory or already in your cache.
 
 import argparse
 
-from locdiff_ext.data import EmbeddingDataset, read_image_csv
+from locdiff_ext.data import EmbeddingDataset, build_store, read_image_csv
 from locdiff_ext.encoders import embed_images, failures, load_embeddings, parse_encoder_spec
 
 
@@ -23,7 +23,9 @@ def main(argv=None):
     p.add_argument("--images", required=True, help="image folder or .tar archive")
     p.add_argument("--encoder", required=True, help="hf:<path> or open_clip:<model>:<weights>")
     p.add_argument("--cache", required=True, help="embedding cache directory (resumable)")
-    p.add_argument("--out", required=True, help="dataset file to write (.safetensors or .npz)")
+    p.add_argument("--out", required=True, help="dataset to write: a store directory (any name without .npz / "
+                                                "    .safetensors: read memory-mapped, for MP16-sized data) or a file")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="a store's embedding dtype")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--shard-size", type=int, default=8192)
     p.add_argument("--workers", type=int, default=8, help="image-decoding threads")
@@ -39,12 +41,16 @@ def main(argv=None):
     encoder = parse_encoder_spec(args.encoder)
     embed_images(encoder, refs, args.cache, batch_size=args.batch_size, shard_size=args.shard_size,
                  device=args.device, workers=args.workers)
-    emb, valid = load_embeddings(args.cache)
     bad = failures(args.cache)
     if bad:
         print(f"{len(bad)} images could not be read (see {args.cache}/failures.json): dropped")
-    EmbeddingDataset(emb[valid], coords[valid]).save(args.out)
-    print(f"wrote {args.out}: {int(valid.sum())} rows, embedding width {emb.shape[1]}")
+    if args.out.endswith((".npz", ".safetensors")):
+        emb, valid = load_embeddings(args.cache)
+        EmbeddingDataset(emb[valid], coords[valid]).save(args.out)
+        print(f"wrote {args.out}: {int(valid.sum())} rows, embedding width {emb.shape[1]}")
+    else:  # streamed shard by shard: the embeddings are never all in memory
+        store = build_store(args.cache, args.out, coords=coords, dtype=args.dtype, overwrite=True)
+        print(f"wrote {store}")
 
 
 if __name__ == "__main__":

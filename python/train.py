@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from locdiff_ext import LocDiff, LocDiffConfig
-from locdiff_ext.data import load_dataset
+from locdiff_ext.data import open_dataset
 from locdiff_ext.train import Trainer, TrainConfig
 
 
@@ -29,14 +29,16 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--checkpoint-every", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrieval-k", type=int, default=0, help="LocDiff-R: condition on the k most similar training "
+                                                               "rows (needs --val when --train is a store)")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh "
                                                              "(default: resume it; refused if its settings differ)")
     args = p.parse_args(argv)
 
-    train = load_dataset(args.train)
-    val = load_dataset(args.val) if args.val else None
+    train = open_dataset(args.train)  # a store (`locdiff store build`) is read memory-mapped
+    val = open_dataset(args.val) if args.val else None
     torch.manual_seed(args.seed)
-    model = LocDiff(LocDiffConfig(cond_dim=train.dim, L=args.L, widths=tuple(args.widths)))
+    model = LocDiff(LocDiffConfig(cond_dim=train.dim, L=args.L, widths=tuple(args.widths), retrieval_k=args.retrieval_k))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, seed=args.seed,
                       warmup_steps=min(2000, max(1, args.steps // 10)))

@@ -60,9 +60,12 @@ def tiny_model(cond_dim=16, L=4, seed=0, **kw):
     return ld.LocDiff(ld.LocDiffConfig(**cfg))
 
 
-def ddp_train_worker(rank, world, port, out_root, steps):
-    """One process of the 2-process DDP test (a module-level function here, so that spawned
-    workers can import it by name: helpers is on their sys.path, the tests package is not)."""
+def ddp_train_worker(rank, world, port, out_root, steps, store=None):
+    """One process of the 2-process DDP tests (a module-level function here, so that spawned
+    workers can import it by name: helpers is on their sys.path, the tests package is not).  With
+    ``store`` (a store directory): a retrieval model trained over it, and the rows this rank read at
+    each step written to ``rows{rank}.json``."""
+    import json
     import os
 
     import torch.distributed as dist
@@ -72,9 +75,26 @@ def ddp_train_worker(rank, world, port, out_root, steps):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    data, _ = region_dataset(512, seed=4)
-    cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
-    Trainer(tiny_model(), data, os.path.join(out_root, f"rank{rank}"), cfg, progress=False).fit()
+    if store is None:
+        data, _ = region_dataset(512, seed=4)
+        cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
+        Trainer(tiny_model(), data, os.path.join(out_root, f"rank{rank}"), cfg, progress=False).fit()
+    else:
+        from locdiff_ext.data.store import EmbeddingStore
+
+        cfg = TrainConfig(steps=steps, batch_size=32, lr=1e-3, warmup_steps=5, eval_every=0, checkpoint_every=10)
+        trainer = Trainer(tiny_model(retrieval_k=2), EmbeddingStore(store), os.path.join(out_root, f"rank{rank}"),
+                          cfg, progress=False)
+        reads, batch = [], trainer.batch
+
+        def recorded(rows):
+            reads.append(rows.tolist())
+            return batch(rows)
+
+        trainer.batch = recorded
+        trainer.fit()
+        with open(os.path.join(out_root, f"rows{rank}.json"), "w") as f:
+            json.dump(reads, f)
     dist.destroy_process_group()
 
 

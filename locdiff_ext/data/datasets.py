@@ -13,6 +13,7 @@ Coordinates are (lat, lon) degrees as everywhere in the package (design.md secti
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +49,41 @@ class EmbeddingDataset:
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
+    @classmethod
+    def trusted(cls, embeddings: Tensor, coords: Tensor) -> "EmbeddingDataset":
+        """Wraps float32 / float64 tensors that are already valid (rows read from a store, which validated
+        them when it was written) without checking them again."""
+        self = cls.__new__(cls)
+        self.embeddings, self.coords = embeddings, coords
+        return self
+
     def subset(self, index) -> "EmbeddingDataset":
-        return EmbeddingDataset(self.embeddings[index], self.coords[index])
+        return EmbeddingDataset.trusted(self.embeddings[index], self.coords[index])
+
+    def take(self, index) -> "EmbeddingDataset":
+        """Rows ``index`` (as ``EmbeddingStore.take``: the one way the Trainer reads rows of either)."""
+        if isinstance(index, Tensor):
+            index = index.cpu()
+        return self.subset(index)
+
+    def chunks(self, size: int = 65536):
+        """The rows in order, ``size`` at a time."""
+        for i in range(0, len(self), size):
+            yield self.subset(slice(i, i + size))
+
+    def fingerprint(self) -> dict:
+        """Rows, width and a SHA-256 of an evenly strided sample of at most ~4096 rows: cheap even for
+        millions of rows, and enough to tell that a resumed run would train on other data."""
+        stride = max(1, len(self) // 4096)
+        h = hashlib.sha256()
+        h.update(self.embeddings[::stride].contiguous().numpy().tobytes())
+        h.update(self.coords[::stride].contiguous().numpy().tobytes())
+        return {"rows": len(self), "dim": self.dim, "sample_sha256": h.hexdigest()}
 
     def split(self, val_fraction: float, seed: int = 0) -> Tuple["EmbeddingDataset", "EmbeddingDataset"]:
         """Random (train, validation) split; the validation part has round(N * val_fraction) rows."""
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        n_val = max(1, int(round(len(self) * val_fraction)))
-        if n_val >= len(self):
-            raise ValueError(f"the dataset has {len(self)} rows: too few to split off a validation set")
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.subset(perm[n_val:]), self.subset(perm[:n_val])
+        train, val = split_index(len(self), val_fraction, seed)
+        return self.subset(train), self.subset(val)
 
     def save(self, path: PathLike) -> Path:
         """Writes ``.npz`` or ``.safetensors`` (by suffix) with keys embeddings / coords."""
@@ -74,6 +98,17 @@ class EmbeddingDataset:
         else:
             raise ValueError(f"path: unsupported suffix {path.suffix!r} (use .npz or .safetensors)")
         return path
+
+
+def split_index(n: int, val_fraction: float, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """(train rows, validation rows) of a random split of ``n`` rows; round(n * val_fraction) validation rows."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"the dataset has {n} rows: too few to split off a validation set")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
 
 
 def _from_arrays(arrays, path: Path) -> EmbeddingDataset:

@@ -13,8 +13,12 @@ spherical cap that contains the sample at a uniformly random position (places it
 like a photo taken somewhere in an unseen region, its true location may lie near the region's edge,
 with lookalikes just beyond it, or deep inside).  Centring the cap on the sample instead, so that the
 nearest visible entry was always at least the radius away, taught the model to distrust neighbours
-that on unseen regions were right (BENCHMARKS.md section 3).  At inference nothing is hidden.  The
-gallery is saved with the model (``save_pretrained``).
+that on unseen regions were right (BENCHMARKS.md section 3).  At inference nothing is hidden.  A small
+gallery is saved with the model (``save_pretrained``); a gallery of millions of rows stays in its
+``EmbeddingStore`` (memory-mapped), searched through a ``GalleryIndex`` (exact or FAISS), and models
+reference it by path and content hash (``Gallery.attach``); training then draws each sample's visible
+neighbours from the store's precomputed neighbour lists (``visible_neighbours``), so a step's cost does
+not grow with the gallery.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_float, check_int, validate_coords, validate_embeddings
+from ..data.index import GalleryIndex
+from ..data.store import EmbeddingStore
 from ..kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz, unit_rows, xyz_to_latlon
 from .aggregate import SampleAggregator
 from .shdd import SHDDDecoder, SHDDEncoder
@@ -36,16 +43,36 @@ SELF_KM = 1e-3  # the smallest hold-out radius (1 m): hides the sample itself
 
 
 class Gallery(nn.Module):
-    """Reference pairs as buffers: ``embeddings`` [G, D] (L2-normalised, float32) and ``coords``
-    [G, 2] (lat, lon degrees, float32); empty until ``set``."""
+    """Reference pairs, either in memory as buffers: ``embeddings`` [G, D] (L2-normalised, float32) and
+    ``coords`` [G, 2] (lat, lon degrees, float32), filled by ``set``; or a whole ``EmbeddingStore`` with
+    its ``GalleryIndex``, attached by ``attach`` (the buffers then stay empty and are not saved)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("embeddings", torch.zeros(0, dim))
         self.register_buffer("coords", torch.zeros(0, 2))
+        self.index: Optional[GalleryIndex] = None
 
     def __len__(self) -> int:
-        return self.coords.shape[0]
+        return len(self.index) if self.index is not None else self.coords.shape[0]
+
+    @property
+    def store(self) -> Optional[EmbeddingStore]:
+        return self.index.store if self.index is not None else None
+
+    def attach(self, index: GalleryIndex) -> "Gallery":
+        """Makes ``index``'s store the gallery (memory-mapped, never copied into the model)."""
+        if index.store.dim != self.dim:
+            raise ValueError(f"the gallery store has width {index.store.dim} but the model expects {self.dim}")
+        self.index = index
+        dev = self.embeddings.device
+        self.embeddings, self.coords = torch.zeros(0, self.dim, device=dev), torch.zeros(0, 2, device=dev)
+        return self
+
+    def store_coords(self, rows: Tensor) -> Tensor:
+        """Coordinates [..., 2] float64 of store rows (NaN where a row index is -1)."""
+        c = torch.from_numpy(np.asarray(self.store.coords[rows.clamp_min(0).cpu().numpy()]))
+        return c.masked_fill((rows < 0).cpu()[..., None], float("nan"))
 
     @property
     def dim(self) -> int:
@@ -79,6 +106,12 @@ class Gallery(nn.Module):
         if len(self) == 0:
             raise ValueError("the gallery is empty: call LocDiff.set_gallery(embeddings, coords) "
                              "(the Trainer does it with the training data)")
+        if self.index is not None:
+            if center is not None:
+                raise ValueError("a store-backed gallery hides hold-out regions through the store's neighbour "
+                                 "lists (visible_neighbours), not by searching")
+            sims, rows = self.index.search(query, k)
+            return sims.to(query.device), self.store_coords(rows).to(query.device)
         q = query.float().to(self.embeddings.device)
         kk = min(k, len(self))
         gxyz = latlon_to_xyz(self.coords.double()) if center is not None else None  # float64: 1 km is 1e-8 in cos
@@ -100,6 +133,27 @@ class Gallery(nn.Module):
             sims = F.pad(sims, (0, pad), value=float("-inf"))
             coords = torch.cat([coords, coords.new_full((coords.shape[0], pad, 2), float("nan"))], 1)
         return sims, coords
+
+
+def visible_neighbours(sims: Tensor, coords: Tensor, k: int, center: Tensor, holdout_km: Tensor) -> Tuple[Tensor, Tensor]:
+    """The ``k`` best candidates [B, K'] (similarities best first, coords [B, K', 2]) that lie outside each
+    row's hold-out cap (``center`` [B, 2], ``holdout_km`` [B]): (similarities [B, k], coords [B, k, 2]),
+    -inf / NaN where fewer than k candidates are visible (as ``Gallery.search`` pads)."""
+    c = latlon_to_xyz(center.double().cpu())
+    x = latlon_to_xyz(torch.nan_to_num(coords.double().cpu(), nan=0.0))
+    cos_r = torch.cos((holdout_km.double().cpu() / EARTH_RADIUS_KM).clamp(max=math.pi))
+    hidden = (x @ c[:, :, None])[..., 0] >= cos_r[:, None]
+    s = sims.float().cpu().masked_fill(hidden | ~torch.isfinite(coords[..., 0].cpu()), float("-inf"))
+    # stable: visible candidates keep their similarity order; hidden ones go last
+    order = torch.sort((~torch.isfinite(s)).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    v = s.gather(1, order)
+    out = coords.double().cpu().gather(1, order[..., None].expand(-1, -1, 2)).clone()
+    out[~torch.isfinite(v)] = float("nan")
+    if v.shape[1] < k:
+        pad = k - v.shape[1]
+        v = F.pad(v, (0, pad), value=float("-inf"))
+        out = torch.cat([out, out.new_full((out.shape[0], pad, 2), float("nan"))], 1)
+    return v, out
 
 
 def sample_holdout(coords: Tensor, max_km: float) -> Tuple[Tensor, Tensor]:
@@ -174,4 +228,4 @@ class KNNDensity:
         return self.aggregator.probability_map(self.mixture(emb), nlat, nlon)
 
 
-__all__ = ["Gallery", "sample_holdout", "neighbour_features", "KNNDensity"]
+__all__ = ["Gallery", "sample_holdout", "visible_neighbours", "neighbour_features", "KNNDensity"]

@@ -1,0 +1,341 @@
+"""Similarity search over a store's embeddings (cosine), and the training rows' neighbour lists.
+
+Why two kinds of search: exact search reads the whole gallery for every batch of queries, which is right
+for a small gallery (no index to build, no recall lost) but costs O(N) per query: ~1 s for 64 queries
+against MP16's 4.7M x 768.  Above ``EXACT_MAX_CELLS`` (rows x dim) ``GalleryIndex.build`` makes a FAISS
+index instead (``pip install faiss-cpu``, or faiss-gpu; FAISS is the gallery index of this field:
+GeoCLIP-style galleries, Img2Loc): PCA to at most 256 dimensions, an inverted file of ~4 sqrt(N) lists
+and 8-bit scalar quantisation (256 B a row: 1.3 GB at 5M), whose candidates are then re-ranked with the
+exact similarities of the store's own rows, so that the similarities a model sees are exact whichever
+search found them.  Its recall@k against exact search is measured by ``recall_at_k`` (BENCHMARKS.md).
+
+Why neighbour lists: a retrieval-conditioned LocDiff is trained with part of the gallery hidden around
+each sample (``locdiff_ext.model.retrieval.sample_holdout``), so a training step needs each sample's top
+neighbours *outside* a region.  Searching the gallery at every step would make a step's cost grow with N;
+instead ``NeighbourLists.build`` searches once for every row's top ``K'`` (resumable, with progress) and
+stores them beside the data, and a step reads its rows' lists and drops the hidden entries: O(batch x K')
+whatever N.  Where a hold-out region hides so many of the ``K'`` that fewer than ``k`` stay visible, the
+missing neighbours are given to the network as missing (similarity -1), as for a gallery smaller than k;
+``NeighbourLists.build`` reports how often that happens for the caps a model is trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .store import EmbeddingStore, StoreError
+
+PathLike = Union[str, os.PathLike]
+EXACT_MAX_CELLS = 200_000 * 768   # rows x dim up to which exact search is the default (~30 ms for 64 queries)
+INDEX_FORMAT = "locdiff-index/1"
+LISTS_FORMAT = "locdiff-neighbours/1"
+
+
+def _rows_tensor(store: EmbeddingStore) -> Tensor:
+    """The store's embeddings as a (read-only, memory-mapped) torch tensor: torch's gathers are multi-threaded
+    copies, NumPy's fancy indexing of a memmap is not."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the given NumPy array is not writable": it is only read
+        return torch.from_numpy(store.embeddings)
+
+
+def _unit(x: Tensor) -> Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def exact_search(store: EmbeddingStore, queries: Tensor, k: int, chunk: int = 65536) -> Tuple[Tensor, Tensor]:
+    """The ``k`` most cosine-similar rows of the whole store for unit ``queries`` [B, D]: (similarities
+    [B, k] float32, row indices [B, k] int64), best first; -inf / -1 past the store's size.  Reads the
+    store ``chunk`` rows at a time (float32 copies of one chunk at most)."""
+    E = _rows_tensor(store)
+    q = queries.float()
+    n = E.shape[0]
+    best_s = torch.full((q.shape[0], 0), -math.inf)
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
+    for i in range(0, n, chunk):
+        s = q @ _unit(E[i:i + chunk]).T
+        v, j = s.topk(min(k, s.shape[1]), dim=-1)
+        best_s, order = torch.cat([best_s, v], 1).topk(min(k, best_s.shape[1] + v.shape[1]), dim=-1)
+        best_i = torch.cat([best_i, j + i], 1).gather(1, order)
+    if best_s.shape[1] < k:
+        pad = k - best_s.shape[1]
+        best_s = torch.nn.functional.pad(best_s, (0, pad), value=-math.inf)
+        best_i = torch.nn.functional.pad(best_i, (0, pad), value=-1)
+    return best_s, best_i
+
+
+def rerank(store: EmbeddingStore, queries: Tensor, candidates: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Exact cosine similarities of each query to its ``candidates`` [B, R] (row indices, -1 = none), then the
+    best ``k``: (similarities [B, k], rows [B, k]), -inf / -1 where fewer than k candidates."""
+    E = _rows_tensor(store)
+    ok = candidates >= 0
+    rows = E[candidates.clamp_min(0).reshape(-1)].reshape(*candidates.shape, -1)
+    s = torch.einsum("bd,brd->br", queries.float(), _unit(rows))
+    s = s.masked_fill(~ok, -math.inf)
+    v, j = s.topk(min(k, s.shape[1]), dim=-1)
+    idx = candidates.gather(1, j).masked_fill(~torch.isfinite(v), -1)
+    if v.shape[1] < k:
+        v = torch.nn.functional.pad(v, (0, k - v.shape[1]), value=-math.inf)
+        idx = torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)
+    return v, idx
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("a gallery this large needs FAISS for its index: pip install faiss-cpu (or faiss-gpu); "
+                          "or pass kind='exact' (O(N) per query)") from None
+    return faiss
+
+
+class GalleryIndex:
+    """Cosine search over a whole store: ``search(queries, k)`` -> (similarities, rows).  ``kind`` is
+    'exact' or a FAISS factory string; build with ``build``, keep with ``save`` (beside the store, naming
+    the store content it indexes) and reopen with ``load``, which refuses an index of other data."""
+
+    def __init__(self, store: EmbeddingStore, kind: str = "exact", faiss_index=None, nprobe: int = 16,
+                 refine: int = 256):
+        if not store.is_whole:
+            raise ValueError("a gallery index covers a whole store, not a view (subset/split) of one")
+        self.store, self.kind, self.faiss_index = store, kind, faiss_index
+        self.nprobe, self.refine = int(nprobe), int(refine)
+        if faiss_index is not None:
+            _faiss().extract_index_ivf(faiss_index).nprobe = self.nprobe
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __deepcopy__(self, memo) -> "GalleryIndex":
+        return self  # read-only and memory-mapped: a copied model (the Trainer's EMA) shares it
+
+    @staticmethod
+    def default_kind(store: EmbeddingStore) -> str:
+        """'exact' for galleries up to EXACT_MAX_CELLS rows x dim, else PCA + IVF + SQ8 (module docstring)."""
+        n, d = len(store), store.dim
+        if n * d <= EXACT_MAX_CELLS:
+            return "exact"
+        nlist = int(2 ** round(math.log2(max(64.0, min(16384.0, 4 * math.sqrt(n))))))
+        pca = min(256, d)
+        return (f"PCA{pca}," if pca < d else "") + f"IVF{nlist},SQ8"
+
+    @classmethod
+    def build(cls, store: EmbeddingStore, kind: Optional[str] = None, nprobe: int = 16, refine: int = 256,
+              chunk: int = 65536, progress: bool = True, seed: int = 0) -> "GalleryIndex":
+        """An index of ``store`` (``kind``: None = ``default_kind``, 'exact', or a FAISS factory string with
+        an IVF stage, inner-product metric); FAISS indexes are trained on a random sample of rows."""
+        from ..progress import Progress
+
+        kind = kind or cls.default_kind(store)
+        if kind == "exact":
+            return cls(store, "exact", None, nprobe, refine)
+        faiss = _faiss()
+        index = faiss.index_factory(store.dim, kind, faiss.METRIC_INNER_PRODUCT)
+        nlist = faiss.extract_index_ivf(index).nlist
+        n = len(store)
+        if n < 39 * nlist:
+            raise ValueError(f"index kind {kind!r}: {n} rows are too few to train {nlist} lists (needs "
+                             f">= {39 * nlist}); use kind='exact' or fewer lists")
+        m = min(n, max(40 * nlist, 100_000))
+        sample = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+        E = _rows_tensor(store)
+        train = _unit(E[torch.from_numpy(sample)]).numpy()
+        with Progress(n, f"index {kind}", "row", enabled=progress) as bar:
+            index.train(train)
+            del train
+            for i in range(0, n, chunk):
+                index.add(_unit(E[i:i + chunk]).numpy())
+                bar.update(min(chunk, n - i))
+        return cls(store, kind, index, nprobe, refine)
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: Tensor, k: int, refine: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """The ``k`` most similar rows of unit ``queries`` [B, D] (float32): (similarities [B, k] float32,
+        rows [B, k] int64), best first, -inf / -1 past the gallery's size.  FAISS indexes return
+        max(k, refine) candidates, re-ranked exactly (``rerank``)."""
+        q = queries.detach().float().cpu().contiguous()
+        if q.dim() != 2 or q.shape[1] != self.store.dim:
+            raise ValueError(f"queries must be [B, {self.store.dim}], got {tuple(q.shape)}")
+        if q.shape[0] == 0:
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
+        if self.faiss_index is None:
+            return exact_search(self.store, q, k)
+        r = max(k, self.refine if refine is None else refine)
+        _, cand = self.faiss_index.search(q.numpy(), r)
+        return rerank(self.store, q, torch.from_numpy(cand), k)
+
+    # ------------------------------------------------------------------ files
+    def paths(self) -> Tuple[Path, Path]:
+        return self.store.path / "index.json", self.store.path / "index.faiss"
+
+    def save(self) -> Path:
+        """Writes index.json (and index.faiss) beside the store's data; returns index.json's path."""
+        meta_path, data_path = self.paths()
+        meta = {"format": INDEX_FORMAT, "kind": self.kind, "rows": len(self.store), "dim": self.store.dim,
+                "store_sha256": self.store.header["content_sha256"], "nprobe": self.nprobe, "refine": self.refine}
+        if self.faiss_index is not None:
+            tmp = data_path.with_name(f".{data_path.name}.tmp")
+            _faiss().write_index(self.faiss_index, str(tmp))
+            os.replace(tmp, data_path)
+        tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)
+        return meta_path
+
+    @classmethod
+    def load(cls, store: EmbeddingStore) -> "GalleryIndex":
+        """The index saved beside ``store``; StoreError if it indexes other data or is damaged."""
+        meta_path, data_path = cls.paths(cls.__new__(cls)._with(store))
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no gallery index beside store {str(store.path)!r}: build one "
+                                    "(`locdiff store index`)")
+        try:
+            meta = json.loads(meta_path.read_text())
+            kind = meta["kind"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{str(meta_path)!r} is corrupt: {exc!r}") from None
+        if (meta.get("format") != INDEX_FORMAT or meta.get("store_sha256") != store.header["content_sha256"]
+                or meta.get("rows") != len(store) or meta.get("dim") != store.dim):
+            raise StoreError(f"the gallery index {str(meta_path)!r} was built for other data ({meta.get('rows')} rows "
+                             f"of width {meta.get('dim')}) than store {str(store.path)!r} now holds ({len(store)} x "
+                             f"{store.dim}): rebuild it (`locdiff store index`)")
+        if kind == "exact":
+            return cls(store, "exact", None, meta.get("nprobe", 16), meta.get("refine", 256))
+        faiss = _faiss()
+        if not data_path.is_file():
+            raise StoreError(f"gallery index file {str(data_path)!r} is missing: rebuild it (`locdiff store index`)")
+        try:
+            index = faiss.read_index(str(data_path))
+        except RuntimeError as exc:
+            raise StoreError(f"gallery index file {str(data_path)!r} cannot be read: {str(exc).splitlines()[0]}") from None
+        if index.ntotal != len(store) or index.d != store.dim:
+            raise StoreError(f"gallery index file {str(data_path)!r} holds {index.ntotal} rows of width {index.d}, "
+                             f"the store {len(store)} x {store.dim}: rebuild it (`locdiff store index`)")
+        return cls(store, kind, index, meta.get("nprobe", 16), meta.get("refine", 256))
+
+    def _with(self, store):
+        self.store = store
+        return self
+
+    @classmethod
+    def open_or_build(cls, store: EmbeddingStore, progress: bool = True) -> "GalleryIndex":
+        """The saved index of ``store`` if there is one, else a new default one (saved)."""
+        if (store.path / "index.json").is_file():
+            return cls.load(store)
+        index = cls.build(store, progress=progress)
+        index.save()
+        return index
+
+
+def recall_at_k(index: GalleryIndex, queries: Tensor, k: int) -> float:
+    """Mean share of the exact top-``k`` rows that ``index`` returns in its top ``k`` (1.0 for 'exact')."""
+    _, got = index.search(queries, k)
+    _, truth = exact_search(index.store, queries.float(), k)
+    hits = [len(set(g.tolist()) & set(t.tolist()) - {-1}) / max(1, int((t >= 0).sum())) for g, t in zip(got, truth)]
+    return float(np.mean(hits))
+
+
+class NeighbourLists:
+    """Every row's top ``k`` rows of the same store (itself included: a hold-out hides it), computed once
+    (``build``) and memory-mapped: ``take(rows)`` -> (similarities [B, k] float32, rows [B, k] int64)."""
+
+    def __init__(self, store: EmbeddingStore, k: int):
+        self.store, self.k = store, k
+        meta = self._read_meta(store, k)
+        if meta is None or not meta.get("complete"):
+            raise StoreError(f"the neighbour lists of store {str(store.path)!r} for k = {k} are missing or "
+                             "unfinished: build them (NeighbourLists.build, or let the Trainer do it)")
+        self.meta = meta
+        i_path, s_path = self.paths(store, k)
+        try:
+            self.rows = np.load(i_path, mmap_mode="r")
+            self.sims = np.load(s_path, mmap_mode="r")
+        except (ValueError, OSError) as exc:
+            raise StoreError(f"the neighbour lists beside {str(store.path)!r} cannot be read: {exc}") from None
+        if self.rows.shape != (len(store), k) or self.sims.shape != (len(store), k):
+            raise StoreError(f"the neighbour lists beside {str(store.path)!r} do not match the store's {len(store)} rows")
+
+    @staticmethod
+    def paths(store: EmbeddingStore, k: int) -> Tuple[Path, Path]:
+        return store.path / f"neighbours-{k}.rows.npy", store.path / f"neighbours-{k}.sims.npy"
+
+    @staticmethod
+    def _meta_path(store: EmbeddingStore, k: int) -> Path:
+        return store.path / f"neighbours-{k}.json"
+
+    @classmethod
+    def _read_meta(cls, store: EmbeddingStore, k: int) -> Optional[dict]:
+        p = cls._meta_path(store, k)
+        if not p.is_file():
+            return None
+        try:
+            meta = json.loads(p.read_text())
+        except ValueError:
+            return None
+        if meta.get("format") != LISTS_FORMAT or meta.get("store_sha256") != store.header["content_sha256"]:
+            raise StoreError(f"the neighbour lists {str(p)!r} were computed for other data than store "
+                             f"{str(store.path)!r} now holds: delete neighbours-{k}.* there and build them again")
+        return meta
+
+    @classmethod
+    def build(cls, index: GalleryIndex, k: int = 64, chunk: int = 4096, progress: bool = True) -> "NeighbourLists":
+        """Searches every row's top ``k`` with ``index`` (exact similarities), writing them beside the store.
+        Interrupted, a second call with the same store and k continues where the first stopped."""
+        from ..progress import Progress
+
+        store = index.store
+        n = len(store)
+        meta = cls._read_meta(store, k)
+        if meta is not None and meta.get("complete"):
+            return cls(store, k)
+        i_path, s_path = cls.paths(store, k)
+        if meta is None:
+            meta = {"format": LISTS_FORMAT, "k": k, "rows": n, "store_sha256": store.header["content_sha256"],
+                    "index": index.kind, "rows_done": 0, "complete": False}
+            np.lib.format.open_memmap(i_path, "w+", np.int32 if n < 2**31 else np.int64, (n, k))
+            np.lib.format.open_memmap(s_path, "w+", np.float32, (n, k))
+            cls._write_meta(store, k, meta)
+        rows = np.load(i_path, mmap_mode="r+")
+        sims = np.load(s_path, mmap_mode="r+")
+        E = _rows_tensor(store)
+        start = int(meta["rows_done"])
+        with Progress(n, f"neighbour lists (k = {k}, {index.kind})", "row", enabled=progress, initial=start) as bar:
+            for i in range(start, n, chunk):
+                q = _unit(E[i:i + chunk])
+                s, j = index.search(q, k, refine=k)
+                rows[i:i + len(q)] = j.numpy()
+                sims[i:i + len(q)] = s.numpy()
+                rows.flush()
+                sims.flush()
+                meta["rows_done"] = i + len(q)
+                cls._write_meta(store, k, meta)
+                bar.update(len(q))
+        meta["complete"] = True
+        cls._write_meta(store, k, meta)
+        del rows, sims
+        return cls(store, k)
+
+    @classmethod
+    def _write_meta(cls, store: EmbeddingStore, k: int, meta: dict) -> None:
+        p = cls._meta_path(store, k)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, p)
+
+    def take(self, index: Tensor) -> Tuple[Tensor, Tensor]:
+        i = index.cpu().numpy()
+        return torch.from_numpy(np.asarray(self.sims[i], np.float32)), torch.from_numpy(np.asarray(self.rows[i], np.int64))
+
+
+__all__ = ["GalleryIndex", "NeighbourLists", "exact_search", "rerank", "recall_at_k", "EXACT_MAX_CELLS"]

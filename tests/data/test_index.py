@@ -1,0 +1,120 @@
+"""Gallery search over a store: exact search, the FAISS index and its recall, neighbour lists (resumable),
+and the errors of an index or lists that do not match their store."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from locdiff_ext.data.index import GalleryIndex, NeighbourLists, exact_search, recall_at_k
+from locdiff_ext.data.store import StoreError, write_store
+from locdiff_ext.datasets.synthetic import SyntheticGeo
+
+faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
+
+
+def _unit(x):
+    x = torch.as_tensor(x).float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return SyntheticGeo(dim=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def store(world, tmp_path_factory):
+    n = 20000
+    return write_store(tmp_path_factory.mktemp("index") / "s", world.chunks(0, n), n, 32, "float16")
+
+
+def test_exact_search_is_brute_force_across_chunks(store, world):
+    q = _unit(world.rows(10**7, 50)[0])
+    sims, rows = exact_search(store, q, 10, chunk=3000)
+    full = q @ _unit(torch.from_numpy(np.asarray(store.embeddings, np.float32))).T
+    v, j = full.topk(10)
+    torch.testing.assert_close(sims, v)
+    assert (rows == j).float().mean() > 0.99  # ties aside
+    # past the gallery's size: -inf / -1
+    s, r = exact_search(store, q[:2], len(store) + 3, chunk=7000)
+    assert torch.isinf(s[:, -3:]).all() and (r[:, -3:] == -1).all() and (r[:, :-3] >= 0).all()
+
+
+def test_faiss_index_recall_and_exact_similarities(store, world, tmp_path):
+    index = GalleryIndex.build(store, "IVF64,SQ8", nprobe=32, progress=False)
+    q = _unit(world.rows(10**7, 300)[0])
+    assert recall_at_k(index, q, 8) >= 0.95
+    sims, rows = index.search(q, 8)
+    exact = (q[:, None, :] * _unit(torch.from_numpy(np.asarray(store.embeddings[rows.numpy()], np.float32)))).sum(-1)
+    torch.testing.assert_close(sims, exact, rtol=0, atol=1e-5)  # re-ranked with the store's rows: exact values
+    assert (sims[:, :-1] >= sims[:, 1:]).all()
+    index.save()
+    again = GalleryIndex.load(store)
+    assert again.kind == "IVF64,SQ8" and torch.equal(again.search(q, 8)[1], rows)
+
+
+def test_default_kind_is_exact_for_small_galleries_and_faiss_above():
+    class S:
+        def __init__(self, n, d):
+            self.n, self.dim = n, d
+
+        def __len__(self):
+            return self.n
+
+    assert GalleryIndex.default_kind(S(200_000, 768)) == "exact"
+    assert GalleryIndex.default_kind(S(5_000_000, 768)) == "PCA256,IVF8192,SQ8"
+    assert GalleryIndex.default_kind(S(1_000_000, 768)) == "PCA256,IVF4096,SQ8"
+
+
+def test_neighbour_lists_are_each_rows_top_k_and_resume(store, monkeypatch):
+    index = GalleryIndex(store, "exact")
+    # an interrupted build (the second chunk fails), then a second call finishes it
+    calls = {"n": 0}
+    real = GalleryIndex.search
+
+    def flaky(self, q, k, refine=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, q, k, refine)
+
+    monkeypatch.setattr(GalleryIndex, "search", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        NeighbourLists.build(index, 12, chunk=5000, progress=False)
+    meta = json.loads((store.path / "neighbours-12.json").read_text())
+    assert meta["rows_done"] == 5000 and not meta["complete"]
+    with pytest.raises(StoreError, match="missing or unfinished"):
+        NeighbourLists(store, 12)
+    monkeypatch.setattr(GalleryIndex, "search", real)
+    lists = NeighbourLists.build(index, 12, chunk=5000, progress=False)
+    rows = torch.tensor([0, 4999, 5000, 19999])
+    sims, nb = lists.take(rows)
+    q = _unit(store.take(rows).embeddings)
+    s_ref, n_ref = exact_search(store, q, 12)
+    torch.testing.assert_close(sims, s_ref)
+    assert (nb[:, 0] == rows).all()  # each row is its own best match (a hold-out hides it)
+
+
+def test_an_index_or_lists_of_other_data_are_refused(store, world, tmp_path):
+    other = write_store(tmp_path / "other", world.chunks(0, 20000), 20000, 32, "float32")
+    GalleryIndex.build(store, "IVF64,SQ8", progress=False).save()
+    for name in ("index.json", "index.faiss"):
+        (other.path / name).write_bytes((store.path / name).read_bytes())
+    with pytest.raises(StoreError, match="built for other data"):
+        GalleryIndex.load(other)
+    NeighbourLists.build(GalleryIndex(store, "exact"), 4, progress=False)
+    for p in store.path.glob("neighbours-4.*"):
+        (other.path / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(StoreError, match="computed for other data"):
+        NeighbourLists(other, 4)
+    (other.path / "index.faiss").write_bytes(b"garbage")
+    meta = json.loads((other.path / "index.json").read_text())
+    (other.path / "index.json").write_text(json.dumps(dict(meta, store_sha256=other.header["content_sha256"])))
+    with pytest.raises(StoreError, match="cannot be read"):
+        GalleryIndex.load(other)
+    with pytest.raises(ValueError, match="whole store"):
+        GalleryIndex(store.subset([1, 2, 3]))
+    with pytest.raises(ValueError, match="too few to train"):
+        GalleryIndex.build(store, "IVF4096,SQ8", progress=False)
