@@ -47,8 +47,42 @@ def test_cli_train_eval_predict(tmp_path):
     assert bad.returncode == 2 and "--overwrite" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("train", tmp_path / "train.npz", "--out", tmp_path / "eval.json", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "is a file" in bad.stderr and "Traceback" not in bad.stderr
-    for cmd in ("train", "eval", "predict", "bench"):
+    for cmd in ("train", "eval", "predict", "store", "bench"):
         assert run_cli(cmd, "--help", cwd=tmp_path).stdout.startswith("usage: locdiff " + cmd)
+
+
+def test_cli_store_build_index_train_eval_and_damaged_stores(tmp_path):
+    train, _ = region_dataset(1200, seed=11)
+    val, _ = region_dataset(60, seed=12)
+    train.save(tmp_path / "train.npz")
+    val.save(tmp_path / "val.npz")
+    out = run_cli("store", "build", tmp_path / "train.npz", tmp_path / "train.store", "--no-progress", cwd=tmp_path)
+    assert "wrote EmbeddingStore" in out.stdout
+    run_cli("store", "build", tmp_path / "val.npz", tmp_path / "val.store", "--dtype", "float32", "--no-progress",
+            cwd=tmp_path)
+    info = json.loads(run_cli("store", "info", tmp_path / "train.store", cwd=tmp_path).stdout)
+    assert info["rows"] == 1200 and info["dim"] == 16 and info["dtype"] == "float16"
+    assert "every byte matches" in run_cli("store", "verify", tmp_path / "train.store", cwd=tmp_path).stdout
+    assert "recall@8" in run_cli("store", "index", tmp_path / "train.store", "--no-progress", cwd=tmp_path).stdout
+    run_cli("train", tmp_path / "train.store", "--val", tmp_path / "val.store", "--retrieval-k", 4, "--L", 6,
+            "--widths", 32, 16, "--steps", 30, "--batch-size", 64, "--eval-every", 15, "--out", tmp_path / "run",
+            "--no-progress", cwd=tmp_path)
+    assert json.loads((tmp_path / "run" / "final" / "gallery.json").read_text())["rows"] == 1200
+    out = run_cli("eval", tmp_path / "val.store", "--model", tmp_path / "run", "--num-samples", 2, "--no-progress",
+                  cwd=tmp_path)
+    assert "| LocDiff |" in out.stdout and "| 60 |" in out.stdout
+    # a retrieval model cannot split its validation rows off its gallery store: a named refusal
+    bad = run_cli("train", tmp_path / "train.store", "--retrieval-k", 4, "--steps", 5, "--out", tmp_path / "x",
+                  cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "whole store" in bad.stderr and "Traceback" not in bad.stderr
+    # damaged stores: one line naming the file, status 2
+    emb = tmp_path / "val.store" / "embeddings.npy"
+    emb.write_bytes(emb.read_bytes()[:-64])
+    for argv in (["eval", tmp_path / "val.store", "--model", tmp_path / "run"], ["store", "verify", tmp_path / "val.store"]):
+        bad = run_cli(*argv, cwd=tmp_path, check=False)
+        assert bad.returncode == 2 and "embeddings.npy" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("store", "build", tmp_path / "train.npz", tmp_path / "train.store", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "already exists" in bad.stderr
 
 
 FIXTURE_MODEL = Path(__file__).resolve().parent / "fixtures" / "saved_model_v0.1"

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from locdiff_ext.data import load_dataset
+from locdiff_ext.data import EmbeddingStore, load_dataset
 
 RECIPES = Path(__file__).resolve().parent.parent / "python"
 SCRIPT = RECIPES / "text_benchmark.py"
@@ -37,6 +38,18 @@ def test_recipes_dry_run(tiny_clip, image_set, tmp_path):
     assert "| LocDiff (ours) |" in out and "LocDiff-H (paper)" in out
     res = json.loads(report.read_text())["results"]
     assert res["kNN retrieval (ours)"]["acc_1km"] == 100.0  # the gallery contains the queries
+    # the MP16-sized path: the same cache streamed into a store, LocDiff-R trained from it memory-mapped
+    out = _run("prepare_embeddings.py", "--csv", image_set / "mp16.csv", "--images", image_set / "imgs.tar",
+               "--encoder", f"hf:{tiny_clip}", "--cache", tmp_path / "cache", "--out", tmp_path / "train.store",
+               "--batch-size", 16, "--workers", 2, cwd=tmp_path)
+    store = EmbeddingStore(tmp_path / "train.store")
+    assert len(store) == 40 and store.dtype == "float16"
+    torch.testing.assert_close(store.take(slice(None)).embeddings, data.embeddings, rtol=1e-3, atol=1e-3)
+    _run("train.py", "--train", tmp_path / "train.store", "--out", tmp_path / "run-r", "--L", 4, "--widths", 16,
+         "--steps", 6, "--batch-size", 8, "--eval-every", 0, "--checkpoint-every", 3, "--retrieval-k", 2, cwd=tmp_path)
+    out = _run("evaluate.py", "--model", tmp_path / "run-r" / "final", "--data", tmp_path / "train.store",
+               "--num-samples", 2, "--steps", 3, cwd=tmp_path)
+    assert "| LocDiff (ours) |" in out
 
 
 def test_text_benchmark_runs(tmp_path):

@@ -54,17 +54,19 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def exact_search(store: EmbeddingStore, queries: Tensor, k: int, chunk: int = 65536) -> Tuple[Tensor, Tensor]:
+def exact_search(store: EmbeddingStore, queries: Tensor, k: int, chunk: int = 65536,
+                 rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The ``k`` most cosine-similar rows of the whole store for unit ``queries`` [B, D]: (similarities
     [B, k] float32, row indices [B, k] int64), best first; -inf / -1 past the store's size.  Reads the
-    store ``chunk`` rows at a time (float32 copies of one chunk at most)."""
-    E = _rows_tensor(store)
+    store ``chunk`` rows at a time (float32 copies of one chunk at most), or searches ``rows``, the store's
+    rows already unit float32 (``GalleryIndex`` keeps them for a small gallery)."""
+    E = _rows_tensor(store) if rows is None else rows
     q = queries.float()
     n = E.shape[0]
     best_s = torch.full((q.shape[0], 0), -math.inf)
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
     for i in range(0, n, chunk):
-        s = q @ _unit(E[i:i + chunk]).T
+        s = q @ (_unit(E[i:i + chunk]) if rows is None else E[i:i + chunk]).T
         v, j = s.topk(min(k, s.shape[1]), dim=-1)
         best_s, order = torch.cat([best_s, v], 1).topk(min(k, best_s.shape[1] + v.shape[1]), dim=-1)
         best_i = torch.cat([best_i, j + i], 1).gather(1, order)
@@ -111,6 +113,7 @@ class GalleryIndex:
             raise ValueError("a gallery index covers a whole store, not a view (subset/split) of one")
         self.store, self.kind, self.faiss_index = store, kind, faiss_index
         self.nprobe, self.refine = int(nprobe), int(refine)
+        self._unit_rows: Optional[Tensor] = None  # an exact index's rows, unit float32, once searched
         if faiss_index is not None:
             _faiss().extract_index_ivf(faiss_index).nprobe = self.nprobe
 
@@ -170,7 +173,10 @@ class GalleryIndex:
         if q.shape[0] == 0:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
         if self.faiss_index is None:
-            return exact_search(self.store, q, k)
+            if self._unit_rows is None and len(self.store) * self.store.dim <= EXACT_MAX_CELLS:
+                # at most ~600 MB: converting and normalising the float16 rows at every call cost more than the search
+                self._unit_rows = torch.cat([_unit(c) for c in _rows_tensor(self.store).split(65536)])
+            return exact_search(self.store, q, k, rows=self._unit_rows)
         r = max(k, self.refine if refine is None else refine)
         _, cand = self.faiss_index.search(q.numpy(), r)
         return rerank(self.store, q, torch.from_numpy(cand), k)
