@@ -103,6 +103,18 @@ class StoreWriter:
         self._h_emb.update(np.ascontiguousarray(e).tobytes())
         self._h_crd.update(np.ascontiguousarray(c).tobytes())
         self.written += n
+        self._release_written()
+
+    def _release_written(self) -> None:
+        """Writes the mapped pages written so far to the file and drops them from this process's resident set
+        (they stay in the OS page cache): building a 7 GB store must not hold 7 GB of RSS."""
+        import mmap
+
+        for a in (self._emb, self._crd):
+            a.flush()
+            m = getattr(a, "_mmap", None)
+            if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                m.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> "EmbeddingStore":
         if self.written != self.rows:
