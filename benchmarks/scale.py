@@ -75,8 +75,14 @@ def phase(name: str, args) -> dict:
         q = torch.from_numpy(world.rows(10**9, 1000)[0])  # queries from rows beyond the store
         out.update(kind=index.kind, recall_at_8=recall_at_k(index, q / q.norm(dim=1, keepdim=True), 8))
         t1 = time.perf_counter()
-        NeighbourLists.build(index, args.lists_k, progress=False)
+        lists = NeighbourLists.build(index, args.lists_k, progress=False)
         out.update(lists_seconds=time.perf_counter() - t1, store_mb_with_index=dir_mb(store_dir))
+        from locdiff_ext.model.retrieval import holdout_shortfall
+
+        rows = torch.randperm(len(store), generator=torch.Generator().manual_seed(0))[:10_000]
+        sims, idx = lists.take(rows)
+        nb = torch.from_numpy(store.coords[idx.numpy()])
+        out["short_of_8_visible"] = holdout_shortfall(sims, nb, store.take(rows).coords, 8, 1000.0)
     elif name in ("plain", "retrieval"):
         import locdiff_ext as ld
         from locdiff_ext.data.checkpoint import list_checkpoints

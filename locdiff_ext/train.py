@@ -45,6 +45,7 @@ from .data.store import EmbeddingStore
 from .evaluation.metrics import geolocation_metrics
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
+from .model.retrieval import holdout_shortfall
 from .progress import Progress
 
 PathLike = Union[str, os.PathLike]
@@ -266,6 +267,13 @@ class Trainer:
         if self.rank != 0:
             index, lists = GalleryIndex.load(store), NeighbourLists(store, k)
         model.set_gallery(index)
+        if show:  # how often the lists run short under the hold-out caps (data/index.py says what then happens)
+            rows = torch.randperm(len(store), generator=torch.Generator().manual_seed(0))[:10_000]
+            sims, idx = lists.take(rows)
+            short = holdout_shortfall(sims, model.gallery.store_coords(idx), store.take(rows).coords,
+                                      model.config.retrieval_k, model.config.retrieval_holdout_km)
+            print(f"neighbour lists: {100 * short:.1f}% of training rows have fewer than {model.config.retrieval_k} of "
+                  f"their {k} candidates outside a hold-out cap (missing neighbours are given as missing)")
         return lists
 
     def batch(self, rows: Tensor):

@@ -156,6 +156,22 @@ def visible_neighbours(sims: Tensor, coords: Tensor, k: int, center: Tensor, hol
     return v, out
 
 
+def holdout_shortfall(sims: Tensor, coords: Tensor, true_coords: Tensor, k: int, max_km: float,
+                      seed: int = 0) -> float:
+    """The share of rows (candidates ``sims`` [n, K'], ``coords`` [n, K', 2] of rows at ``true_coords``) whose
+    training hold-out, drawn as in training, leaves fewer than ``k`` of their K' candidates visible: how
+    often a store-trained LocDiff-R sees missing neighbours where an exhaustive search would have found more
+    (data/index.py).  Uses and restores torch's global RNG."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        centre, radius = sample_holdout(true_coords, max_km)
+    finally:
+        torch.random.set_rng_state(state)
+    v, _ = visible_neighbours(sims, coords, k, centre, radius)
+    return float((~torch.isfinite(v[:, -1])).double().mean())
+
+
 def sample_holdout(coords: Tensor, max_km: float) -> Tuple[Tensor, Tensor]:
     """Training hold-out regions for samples at ``coords`` [n, 2]: (centres [n, 2] float64, radii [n]
     km).  Half of the rows hide only the sample itself (centre = its location, radius 1 m); the others
@@ -228,4 +244,4 @@ class KNNDensity:
         return self.aggregator.probability_map(self.mixture(emb), nlat, nlon)
 
 
-__all__ = ["Gallery", "sample_holdout", "visible_neighbours", "neighbour_features", "KNNDensity"]
+__all__ = ["Gallery", "sample_holdout", "visible_neighbours", "holdout_shortfall", "neighbour_features", "KNNDensity"]
