@@ -216,7 +216,13 @@ class Trainer:
         if len(train_data) < self.cfg.batch_size:
             raise ValueError(f"train_data has {len(train_data)} rows, fewer than batch_size={self.cfg.batch_size}")
         self.neighbours: Optional[NeighbourLists] = None
-        if model.gallery is not None and len(model.gallery) == 0:  # retrieval over the training data
+        if model.gallery is not None and model.gallery.store is not None:  # a store attached by the user
+            mine = isinstance(train_data, EmbeddingStore) and train_data.fingerprint() == model.gallery.store.fingerprint()
+            if not mine:
+                raise ValueError("train_data: the model's gallery is a store, and a store-backed gallery is trained "
+                                 "through its own neighbour lists, so train_data must be that same (whole) store")
+            self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
+        elif model.gallery is not None and len(model.gallery) == 0:  # retrieval over the training data
             if isinstance(train_data, EmbeddingStore):
                 self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
             else:

@@ -114,6 +114,9 @@ def test_a_retrieval_model_needs_a_whole_store_and_a_faiss_index_is_used_when_sa
     store = _as_store(data, tmp_path / "store")
     with pytest.raises(ValueError, match="whole store"):
         Trainer(tiny_model(retrieval_k=3), store, tmp_path / "run", TrainConfig(steps=2, batch_size=32), progress=False)
+    attached = tiny_model(retrieval_k=3).set_gallery(GalleryIndex(store, "exact"))
+    with pytest.raises(ValueError, match="must be that same"):
+        Trainer(attached, data, tmp_path / "run", TrainConfig(steps=2, batch_size=32, eval_every=0), progress=False)
     GalleryIndex.build(store, "IVF16,SQ8", nprobe=8, progress=False).save()
     cfg = TrainConfig(steps=4, batch_size=32, eval_every=0)
     trainer = Trainer(tiny_model(retrieval_k=3), store, tmp_path / "run", cfg, progress=False, neighbour_candidates=16)
