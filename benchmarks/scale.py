@@ -66,23 +66,31 @@ def phase(name: str, args) -> dict:
         write_store(store_dir, world.chunks(0, args.n), args.n, args.dim, "float16", progress=False)
         out.update(seconds=time.perf_counter() - t0, store_mb=dir_mb(store_dir))
     elif name == "index":
-        from locdiff_ext.data.index import GalleryIndex, NeighbourLists, recall_at_k
+        from locdiff_ext.data.index import GalleryIndex, NeighbourLists, recall_at_k, recall_of_lists
+        from locdiff_ext.model.retrieval import holdout_shortfall
 
         store = EmbeddingStore(store_dir)
-        index = GalleryIndex.build(store, args.index, progress=False)
-        index.save()
-        out["index_seconds"] = time.perf_counter() - t0
+        if args.reuse_index and (store_dir / "index.json").is_file():  # built by an earlier, interrupted run
+            index = GalleryIndex.load(store)
+            out["index_seconds"] = None
+        else:
+            index = GalleryIndex.build(store, args.index, progress=False)
+            index.save()
+            out["index_seconds"] = time.perf_counter() - t0
         q = torch.from_numpy(world.rows(10**9, 1000)[0])  # queries from rows beyond the store
-        out.update(kind=index.kind, recall_at_8=recall_at_k(index, q / q.norm(dim=1, keepdim=True), 8))
+        q = q / q.norm(dim=1, keepdim=True)
+        t1 = time.perf_counter()
+        index.search(q, 8)
+        out.update(kind=index.kind, nprobe=index.nprobe, refine=index.refine,
+                   search_ms_per_query=1e3 * (time.perf_counter() - t1) / len(q), recall_at_8=recall_at_k(index, q, 8))
         t1 = time.perf_counter()
         lists = NeighbourLists.build(index, args.lists_k, progress=False)
         out.update(lists_seconds=time.perf_counter() - t1, store_mb_with_index=dir_mb(store_dir))
-        from locdiff_ext.model.retrieval import holdout_shortfall
-
         rows = torch.randperm(len(store), generator=torch.Generator().manual_seed(0))[:10_000]
         sims, idx = lists.take(rows)
-        nb = torch.from_numpy(store.coords[idx.numpy()])
+        nb = torch.from_numpy(store.coords[idx.clamp_min(0).numpy()])
         out["short_of_8_visible"] = holdout_shortfall(sims, nb, store.take(rows).coords, 8, 1000.0)
+        out["lists_recall"] = recall_of_lists(lists, rows[:300])
     elif name in ("plain", "retrieval"):
         import locdiff_ext as ld
         from locdiff_ext.data.checkpoint import list_checkpoints
@@ -130,6 +138,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="the issue's small network (L = 16, widths 64/32)")
     ap.add_argument("--index", help="the gallery index's kind (default: by size, GalleryIndex.default_kind)")
     ap.add_argument("--lists-k", type=int, default=64, help="neighbour candidates K' per training row")
+    ap.add_argument("--reuse-index", action="store_true", help="load an index an earlier run saved instead of building")
     ap.add_argument("--dir", required=True, help="where stores and runs are written (N x D x 2 bytes each)")
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     ap.add_argument("--keep", action="store_true", help="keep the stores and runs")
@@ -149,6 +158,7 @@ def main():
             cmd = [sys.executable, __file__, "--phase", ph, "--n", str(n), "--dim", str(args.dim), "--steps",
                    str(args.steps), "--queries", str(args.queries), "--dir", args.dir, "--lists-k", str(args.lists_k)]
             cmd += (["--small"] if args.small else []) + (["--index", args.index] if args.index else [])
+            cmd += ["--reuse-index"] if args.reuse_index else []
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
