@@ -267,7 +267,7 @@ class Trainer:
         show = progress and self.rank == 0
         if self.rank == 0:
             index = GalleryIndex.open_or_build(store, progress=show)
-            lists = NeighbourLists.build(index, k, progress=show)
+            lists = NeighbourLists.build(index, k, far_km=2 * model.config.retrieval_holdout_km, progress=show)
         if self.world > 1:
             dist.barrier()
         if self.rank != 0:

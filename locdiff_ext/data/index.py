@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels.geometry import EARTH_RADIUS_KM
 from .store import EmbeddingStore, StoreError
 
 PathLike = Union[str, os.PathLike]
@@ -309,9 +310,37 @@ def recall_of_lists(lists: "NeighbourLists", rows: Tensor) -> float:
     return float(np.mean([len(set(g.tolist()) & set(t.tolist())) / lists.k for g, t in zip(got, truth)]))
 
 
+def _xyz(coords: np.ndarray) -> Tensor:
+    """Unit vectors [n, 3] float64 of (lat, lon) degrees."""
+    c = torch.from_numpy(np.asarray(coords, np.float64))
+    lat, lon = torch.deg2rad(c[:, 0]), torch.deg2rad(c[:, 1])
+    return torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], 1)
+
+
+def _merge_topk(best: Tuple[Tensor, Tensor], s: Tensor, idx: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The best ``k`` of a running (similarities, rows) and new candidates ``s`` with rows ``idx`` [B, m]."""
+    v, j = torch.cat([best[0], s], 1), torch.cat([best[1], idx], 1)
+    v, o = v.topk(min(k, v.shape[1]), dim=-1)
+    return v, j.gather(1, o)
+
+
+def _pad(v: Tensor, j: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    if v.shape[1] < k:
+        v = torch.nn.functional.pad(v, (0, k - v.shape[1]), value=-math.inf)
+        j = torch.nn.functional.pad(j, (0, k - j.shape[1]), value=-1)
+    return v, j.masked_fill(~torch.isfinite(v), -1)
+
+
 class NeighbourLists:
-    """Every row's top ``k`` rows of the same store (itself included: a hold-out hides it), computed once
-    (``build``) and memory-mapped: ``take(rows)`` -> (similarities [B, k] float32, rows [B, k] int64)."""
+    """Every row's gallery candidates among the rows of the same store, computed once (``build``) and
+    memory-mapped: its top ``k`` rows (itself included: a hold-out hides it) and its top ``far`` rows
+    farther than ``far_km`` from it.  ``take(rows)`` -> (similarities [B, k + far] float32, rows [B, k + far]
+    int64): both lists merged, best first, a row in both counted once.
+
+    Why the far list: the training hold-out hides a cap of radius up to R around each sample (R =
+    retrieval_holdout_km), which in a dense collection (a city's photos) can hide every one of the top k; the
+    rows beyond far_km = 2R lie outside any such cap, so with them every sample keeps at least ``far``
+    visible candidates, the lookalikes elsewhere that an exhaustive masked search would find."""
 
     def __init__(self, store: EmbeddingStore, k: int):
         self.store, self.k = store, k
@@ -319,19 +348,19 @@ class NeighbourLists:
         if meta is None or not meta.get("complete"):
             raise StoreError(f"the neighbour lists of store {str(store.path)!r} for k = {k} are missing or "
                              "unfinished: build them (NeighbourLists.build, or let the Trainer do it)")
-        self.meta = meta
-        i_path, s_path = self.paths(store, k)
+        self.meta, self.far, self.far_km = meta, int(meta["far"]), float(meta["far_km"])
         try:
-            self.rows = np.load(i_path, mmap_mode="r")
-            self.sims = np.load(s_path, mmap_mode="r")
+            self.rows, self.sims, self.far_rows, self.far_sims = (np.load(p, mmap_mode="r") for p in self.paths(store, k))
         except (ValueError, OSError) as exc:
             raise StoreError(f"the neighbour lists beside {str(store.path)!r} cannot be read: {exc}") from None
-        if self.rows.shape != (len(store), k) or self.sims.shape != (len(store), k):
+        if not (self.rows.shape == self.sims.shape == (len(store), k)
+                and self.far_rows.shape == self.far_sims.shape == (len(store), self.far)):
             raise StoreError(f"the neighbour lists beside {str(store.path)!r} do not match the store's {len(store)} rows")
 
     @staticmethod
-    def paths(store: EmbeddingStore, k: int) -> Tuple[Path, Path]:
-        return store.path / f"neighbours-{k}.rows.npy", store.path / f"neighbours-{k}.sims.npy"
+    def paths(store: EmbeddingStore, k: int) -> Tuple[Path, Path, Path, Path]:
+        stem = store.path / f"neighbours-{k}"
+        return tuple(Path(f"{stem}.{name}.npy") for name in ("rows", "sims", "far_rows", "far_sims"))
 
     @staticmethod
     def _meta_path(store: EmbeddingStore, k: int) -> Path:
@@ -352,18 +381,18 @@ class NeighbourLists:
         return meta
 
     @classmethod
-    def build(cls, index: GalleryIndex, k: int = 64, chunk: int = 4096, progress: bool = True,
-              cells: int = 8) -> "NeighbourLists":
-        """Every row's top ``k`` (exact similarities), written beside the store.  Interrupted, a second call
-        with the same store and k continues where the first stopped.
+    def build(cls, index: GalleryIndex, k: int = 64, far: int = 16, far_km: float = 2000.0, chunk: int = 4096,
+              progress: bool = True, cells: int = 8) -> "NeighbourLists":
+        """Every row's candidates (class docstring; exact similarities), written beside the store.
+        Interrupted, a second call with the same store and k continues where the first stopped.
 
-        With an exact index: each row's exact top k, ``chunk`` rows at a time.  With a FAISS (IVF) index, a
-        self-join of its cells instead of one search per row: the rows of each inverted list are compared
-        exactly with the rows of the ``cells`` lists nearest to it (itself included), so every row's
-        candidates are the K' most similar rows of the cells around its own.  Why: per-row search and
-        re-ranking of a 5M gallery gathers 5M x K' rows at random (hours on two cores); a cell's join
-        reads each neighbouring cell once for all its rows (minutes).  ``recall_of_lists`` measures how
-        many of the exact top k it finds."""
+        With an exact index: every row against the whole store, ``chunk`` rows at a time.  With a FAISS (IVF)
+        index, a self-join of its cells instead of one search per row: the rows of each inverted list are
+        compared exactly with the rows of the ``cells`` lists nearest to it (itself included), so a row's
+        candidates are the most similar rows of the cells around its own.  Why: per-row search and
+        re-ranking of a 5M gallery gathers 5M x K' rows at random (hours on two cores); a cell's join reads
+        each neighbouring cell once for all its rows (minutes).  ``recall_of_lists`` measures how many of
+        the exact top k it finds."""
         from ..progress import Progress
 
         store = index.store
@@ -371,17 +400,18 @@ class NeighbourLists:
         meta = cls._read_meta(store, k)
         if meta is not None and meta.get("complete"):
             return cls(store, k)
-        i_path, s_path = cls.paths(store, k)
         by_cells = index.faiss_index is not None
         if meta is None:
-            meta = {"format": LISTS_FORMAT, "k": k, "rows": n, "store_sha256": store.header["content_sha256"],
-                    "index": index.kind, "cells": cells if by_cells else None, "done": 0, "complete": False}
-            np.lib.format.open_memmap(i_path, "w+", np.int32 if n < 2**31 else np.int64, (n, k))
-            np.lib.format.open_memmap(s_path, "w+", np.float32, (n, k))
+            meta = {"format": LISTS_FORMAT, "k": k, "far": far, "far_km": far_km, "rows": n,
+                    "store_sha256": store.header["content_sha256"], "index": index.kind,
+                    "cells": cells if by_cells else None, "done": 0, "complete": False}
+            for path, width in zip(cls.paths(store, k), (k, k, far, far)):
+                dtype = np.float32 if "sims" in path.name else (np.int32 if n < 2**31 else np.int64)
+                np.lib.format.open_memmap(path, "w+", dtype, (n, width))
             cls._write_meta(store, k, meta)
-        rows = np.load(i_path, mmap_mode="r+")
-        sims = np.load(s_path, mmap_mode="r+")
-        E = _rows_tensor(store)
+        far, far_km = int(meta["far"]), float(meta["far_km"])
+        out = [np.load(p, mmap_mode="r+") for p in cls.paths(store, k)]
+        E, cos_far = _rows_tensor(store), math.cos(min(math.pi, far_km / EARTH_RADIUS_KM))
         if by_cells:
             members, near = _cells(index, cells)
             inv = inverse_norms(store)
@@ -389,35 +419,43 @@ class NeighbourLists:
         else:
             todo, unit = (n + chunk - 1) // chunk, "chunk"
         done = int(meta["done"])
-        with Progress(todo, f"neighbour lists (k = {k}, {index.kind})", unit, enabled=progress, initial=done) as bar:
+
+        def write(mine: np.ndarray, s: Tensor, j: Tensor, fs: Tensor, fj: Tensor) -> None:
+            for a, v in zip(out, (j, s, fj, fs)):
+                a[mine] = v.numpy()
+
+        with Progress(todo, f"neighbour lists (k = {k} + {far} beyond {far_km:g} km, {index.kind})", unit,
+                      enabled=progress, initial=done) as bar:
             for c in range(done, todo):
                 if by_cells:
                     mine = members[c]
                     if len(mine):
                         cand = torch.cat([members[j] for j in near[c]])
                         q = E[mine].float() * inv[mine, None]
-                        x = E[cand].float() * inv[cand, None]
-                        v, j = (q @ x.T).topk(min(k, len(cand)), dim=-1)
-                        j = cand[j]
-                        if v.shape[1] < k:
-                            v = torch.nn.functional.pad(v, (0, k - v.shape[1]), value=-math.inf)
-                            j = torch.nn.functional.pad(j, (0, k - j.shape[1]), value=-1)
-                        rows[mine.numpy()] = j.numpy()
-                        sims[mine.numpy()] = v.numpy()
+                        sim = q @ (E[cand].float() * inv[cand, None]).T
+                        write(mine.numpy(), *_pad(*_merge_topk(_EMPTY(len(mine)), sim, cand.expand_as(sim), k), k),
+                              *_pad(*_far_topk(sim, cand, store, mine, cos_far, far), far))
                 else:
-                    lo = c * chunk
-                    v, j = index.search(_unit(E[lo:lo + chunk]), k)
-                    rows[lo:lo + len(v)] = j.numpy()
-                    sims[lo:lo + len(v)] = v.numpy()
+                    lo, hi = c * chunk, min(n, (c + 1) * chunk)
+                    q, qx = _unit(E[lo:hi]), _xyz(store.coords[lo:hi])
+                    best, best_far = _EMPTY(hi - lo), _EMPTY(hi - lo)
+                    for i in range(0, n, 65536):
+                        x = E[i:i + 65536]
+                        sim = q @ _unit(x).T
+                        idx = torch.arange(i, i + x.shape[0]).expand_as(sim)
+                        best = _merge_topk(best, sim, idx, k)
+                        close = qx @ _xyz(store.coords[i:i + x.shape[0]]).T >= cos_far
+                        best_far = _merge_topk(best_far, sim.masked_fill(close, -math.inf), idx, far)
+                    write(np.arange(lo, hi), *_pad(*best, k), *_pad(*best_far, far))
                 if not by_cells or c % 16 == 15 or c == todo - 1:  # the progress that a restart keeps
-                    rows.flush()
-                    sims.flush()
+                    for a in out:
+                        a.flush()
                     meta["done"] = c + 1
                     cls._write_meta(store, k, meta)
                 bar.update(1)
         meta["complete"] = True
         cls._write_meta(store, k, meta)
-        del rows, sims
+        del out
         return cls(store, k)
 
     @classmethod
@@ -428,8 +466,27 @@ class NeighbourLists:
         os.replace(tmp, p)
 
     def take(self, index: Tensor) -> Tuple[Tensor, Tensor]:
+        """The candidates of rows ``index`` [B]: both lists merged, best first (class docstring)."""
         i = index.cpu().numpy()
-        return torch.from_numpy(np.asarray(self.sims[i], np.float32)), torch.from_numpy(np.asarray(self.rows[i], np.int64))
+        s = torch.from_numpy(np.asarray(self.sims[i], np.float32))
+        j = torch.from_numpy(np.asarray(self.rows[i], np.int64))
+        fs = torch.from_numpy(np.asarray(self.far_sims[i], np.float32))
+        fj = torch.from_numpy(np.asarray(self.far_rows[i], np.int64))
+        fs = fs.masked_fill((fj[:, :, None] == j[:, None, :]).any(-1) | (fj < 0), -math.inf)  # counted once
+        v, o = torch.cat([s, fs], 1).sort(dim=1, descending=True, stable=True)
+        return v, torch.cat([j, fj], 1).gather(1, o).masked_fill(~torch.isfinite(v), -1)
+
+
+def _EMPTY(b: int) -> Tuple[Tensor, Tensor]:
+    return torch.zeros(b, 0), torch.zeros(b, 0, dtype=torch.int64)
+
+
+def _far_topk(sim: Tensor, cand: Tensor, store: EmbeddingStore, mine: Tensor, cos_far: float,
+              far: int) -> Tuple[Tensor, Tensor]:
+    """The best ``far`` candidates of each row of ``mine`` that lie farther than the angle acos(cos_far)."""
+    close = _xyz(store.coords[mine.numpy()]) @ _xyz(store.coords[cand.numpy()]).T >= cos_far
+    v, j = sim.masked_fill(close, -math.inf).topk(min(far, sim.shape[1]), dim=-1)
+    return v, cand[j]
 
 
 __all__ = ["GalleryIndex", "NeighbourLists", "exact_search", "rerank", "inverse_norms", "recall_at_k", "recall_of_lists",

@@ -68,33 +68,41 @@ def test_default_kind_is_exact_for_small_galleries_and_faiss_above():
     assert GalleryIndex.default_kind(S(1_000_000, 768)) == "PCA256,IVF4096,SQ8"
 
 
-def test_neighbour_lists_are_each_rows_top_k_and_resume(store, monkeypatch):
+def test_neighbour_lists_are_each_rows_top_k_and_far_candidates_and_resume(store, monkeypatch):
+    from locdiff_ext.kernels.geometry import great_circle_km
+
     index = GalleryIndex(store, "exact")
-    # an interrupted build (the second chunk fails), then a second call finishes it
-    calls = {"n": 0}
-    real = GalleryIndex.search
+    real, calls = torch.Tensor.topk, {"n": 0}
 
-    def flaky(self, q, k, refine=None, nprobe=None):
+    def flaky(self, *a, **kw):  # an interrupted build (in its third chunk), then a second call finishes it
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 2 * 2 + 1:  # (near, far) per query chunk: the third chunk
             raise KeyboardInterrupt
-        return real(self, q, k, refine, nprobe)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(GalleryIndex, "search", flaky)
+    monkeypatch.setattr(torch.Tensor, "topk", flaky)
     with pytest.raises(KeyboardInterrupt):
-        NeighbourLists.build(index, 12, chunk=5000, progress=False)
+        NeighbourLists.build(index, 12, far=4, far_km=2000.0, chunk=5000, progress=False)
+    monkeypatch.setattr(torch.Tensor, "topk", real)
     meta = json.loads((store.path / "neighbours-12.json").read_text())
-    assert meta["done"] == 1 and not meta["complete"]
+    assert meta["done"] == 2 and not meta["complete"]
     with pytest.raises(StoreError, match="missing or unfinished"):
         NeighbourLists(store, 12)
-    monkeypatch.setattr(GalleryIndex, "search", real)
-    lists = NeighbourLists.build(index, 12, chunk=5000, progress=False)
+    lists = NeighbourLists.build(index, 12, far=4, far_km=2000.0, chunk=5000, progress=False)
     rows = torch.tensor([0, 4999, 5000, 19999])
-    sims, nb = lists.take(rows)
     q = _unit(store.take(rows).embeddings)
     s_ref, n_ref = exact_search(store, q, 12)
-    torch.testing.assert_close(sims, s_ref)
-    assert (nb[:, 0] == rows).all()  # each row is its own best match (a hold-out hides it)
+    torch.testing.assert_close(torch.from_numpy(np.array(lists.sims[rows.numpy()])), s_ref)
+    assert (torch.from_numpy(np.array(lists.rows[rows.numpy()]))[:, 0] == rows).all()  # itself first
+    far = torch.from_numpy(np.array(lists.far_rows[rows.numpy()], np.int64))
+    d = great_circle_km(store.take(far.reshape(-1)).coords.reshape(4, 4, 2), store.take(rows).coords[:, None, :].expand(4, 4, 2))
+    assert (d > 2000).all()
+    # merged: best first, each row once, 12 + 4 candidates less the far ones already among the 12
+    sims, nb = lists.take(rows)
+    assert sims.shape == (4, 16) and (sims[:, :-1] >= sims[:, 1:]).all()
+    for r in nb:
+        ok = r[r >= 0].tolist()
+        assert len(ok) == len(set(ok)) >= 12
 
 
 def test_neighbour_lists_of_a_faiss_index_join_neighbouring_cells(store, monkeypatch):
@@ -112,8 +120,9 @@ def test_neighbour_lists_of_a_faiss_index_join_neighbouring_cells(store, monkeyp
     assert (nb[:, 0] == rows).all() and (sims[:, :-1] >= sims[:, 1:]).all()
     q = _unit(store.take(rows).embeddings)
     exact = (q[:, None, :] * _unit(torch.from_numpy(np.asarray(store.embeddings[nb.numpy()], np.float32)))).sum(-1)
-    torch.testing.assert_close(sims, exact, rtol=0, atol=1e-5)
-    first = (few.rows.copy(), few.sims.copy())
+    ok = nb >= 0
+    torch.testing.assert_close(sims[ok], exact[ok], rtol=0, atol=1e-5)
+    first = [a.copy() for a in (few.rows, few.sims, few.far_rows, few.far_sims)]
     real, calls = torch.Tensor.topk, {"n": 0}
 
     def flaky(self, *a, **kw):
@@ -128,9 +137,9 @@ def test_neighbour_lists_of_a_faiss_index_join_neighbouring_cells(store, monkeyp
     with pytest.raises(KeyboardInterrupt):
         NeighbourLists.build(index, 8, progress=False, cells=24)
     monkeypatch.setattr(torch.Tensor, "topk", real)
-    assert json.loads((store.path / "neighbours-8.json").read_text())["done"] == 32
+    assert json.loads((store.path / "neighbours-8.json").read_text())["done"] == 16  # saved every 16 cells
     again = NeighbourLists.build(index, 8, progress=False, cells=24)
-    assert np.array_equal(again.rows, first[0]) and np.array_equal(again.sims, first[1])
+    assert all(np.array_equal(a, b) for a, b in zip((again.rows, again.sims, again.far_rows, again.far_sims), first))
 
 
 def test_an_index_or_lists_of_other_data_are_refused(store, world, tmp_path):
