@@ -216,17 +216,15 @@ class Trainer:
         if len(train_data) < self.cfg.batch_size:
             raise ValueError(f"train_data has {len(train_data)} rows, fewer than batch_size={self.cfg.batch_size}")
         self.neighbours: Optional[NeighbourLists] = None
-        if model.gallery is not None and model.gallery.store is not None:  # a store attached by the user
-            mine = isinstance(train_data, EmbeddingStore) and train_data.fingerprint() == model.gallery.store.fingerprint()
-            if not mine:
+        gallery, on_disk = model.gallery, isinstance(train_data, EmbeddingStore)
+        if gallery is not None and gallery.store is not None:  # a store the user attached: it must be this one
+            if not (on_disk and train_data.fingerprint() == gallery.store.fingerprint()):
                 raise ValueError("train_data: the model's gallery is a store, and a store-backed gallery is trained "
                                  "through its own neighbour lists, so train_data must be that same (whole) store")
+        if gallery is not None and (gallery.store is not None or (on_disk and len(gallery) == 0)):
             self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
-        elif model.gallery is not None and len(model.gallery) == 0:  # retrieval over the training data
-            if isinstance(train_data, EmbeddingStore):
-                self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
-            else:
-                model.set_gallery(train_data.embeddings, train_data.coords)
+        elif gallery is not None and len(gallery) == 0:  # retrieval over the in-memory training data
+            model.set_gallery(train_data.embeddings, train_data.coords)
         self.model = model.to(self.device).train()
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir)
@@ -279,7 +277,7 @@ class Trainer:
             short = holdout_shortfall(sims, model.gallery.store_coords(idx), store.take(rows).coords,
                                       model.config.retrieval_k, model.config.retrieval_holdout_km)
             print(f"neighbour lists: {100 * short:.1f}% of training rows have fewer than {model.config.retrieval_k} of "
-                  f"their {k} candidates outside a hold-out cap (missing neighbours are given as missing)")
+                  f"their {k} + {lists.far} candidates outside a hold-out cap (those are given as missing neighbours)")
         return lists
 
     def batch(self, rows: Tensor):
