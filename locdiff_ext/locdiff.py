@@ -477,7 +477,7 @@ class LocDiff(nn.Module):
         """The gallery a saved model references (``gallery_store_ref``; a relative path is relative to
         ``directory``), checked to hold the data the model was saved with, with its saved index."""
         if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and isinstance(ref.get("store_sha256"), str)):
-            raise CheckpointError(f"{str(directory)!r}: its gallery_store reference {ref!r} is not valid")
+            raise CheckpointError(f"{str(directory)!r}: its gallery.json reference {ref!r} is not valid")
         path = Path(ref["path"])
         path = path if path.is_absolute() else Path(directory) / path
         try:
