@@ -375,7 +375,10 @@ class NeighbourLists:
             meta = json.loads(p.read_text())
         except ValueError:
             return None
-        if meta.get("format") != LISTS_FORMAT or meta.get("store_sha256") != store.header["content_sha256"]:
+        if meta.get("format") != LISTS_FORMAT or "far" not in meta:  # (lists without a far list: a development version)
+            raise StoreError(f"the neighbour lists {str(p)!r} are of another format ({meta.get('format')!r}, this "
+                             f"version reads {LISTS_FORMAT!r}): delete neighbours-{k}.* there and build them again")
+        if meta.get("store_sha256") != store.header["content_sha256"]:
             raise StoreError(f"the neighbour lists {str(p)!r} were computed for other data than store "
                              f"{str(store.path)!r} now holds: delete neighbours-{k}.* there and build them again")
         return meta
