@@ -38,6 +38,18 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def rss_parts_gb() -> dict:
+    """The resident set now, split: anonymous (the process's own memory) and file-backed (the store's mapped
+    pages, which the kernel maps a large folio at a time and can drop at any time)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            for key, name in (("RssAnon:", "rss_anon_gb"), ("RssFile:", "rss_file_gb")):
+                if line.startswith(key):
+                    out[name] = int(line.split()[1]) / 2**20
+    return out
+
+
 def dir_mb(d: Path) -> float:
     return sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file()) / 1e6
 
@@ -126,6 +138,7 @@ def phase(name: str, args) -> dict:
         ld.geolocate(q, model=model, batch_size=64)
         out.update(inputs_per_s=len(q) / (time.perf_counter() - t1), index=model.gallery.index.kind)
     out["peak_rss_gb"] = peak_rss_gb()
+    out.update(rss_parts_gb())
     return out
 
 
