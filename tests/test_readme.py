@@ -31,6 +31,8 @@ NOT_HERE = {
     "python python/": "needs MP16/Im2GPS3k data and CLIP weights, or runs for an hour (the Blue Marble protocol): "
                       "tests/test_recipes.py runs these recipes small (a tiny CLIP, the protocol's quick config)",
     "--device cuda": "needs a GPU: tests/kernels/test_cuda.py",
+    "data/mp16.store": "needs MP16 embeddings: the Command line block builds, indexes and trains on a store here, "
+                       "tests/test_cli.py and tests/test_store_training.py in more detail",
 }
 
 
