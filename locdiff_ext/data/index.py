@@ -71,11 +71,7 @@ def exact_search(store: EmbeddingStore, queries: Tensor, k: int, chunk: int = 65
         v, j = s.topk(min(k, s.shape[1]), dim=-1)
         best_s, order = torch.cat([best_s, v], 1).topk(min(k, best_s.shape[1] + v.shape[1]), dim=-1)
         best_i = torch.cat([best_i, j + i], 1).gather(1, order)
-    if best_s.shape[1] < k:
-        pad = k - best_s.shape[1]
-        best_s = torch.nn.functional.pad(best_s, (0, pad), value=-math.inf)
-        best_i = torch.nn.functional.pad(best_i, (0, pad), value=-1)
-    return best_s, best_i
+    return _pad(best_s, best_i, k)
 
 
 def inverse_norms(store: EmbeddingStore, chunk: int = 65536) -> Tensor:
@@ -114,11 +110,7 @@ def rerank(store: EmbeddingStore, queries: Tensor, candidates: Tensor, k: int,
         s = torch.bmm(rows, queries.float()[:, :, None])[..., 0] * inv_norms[flat].reshape(candidates.shape)
     s = s.masked_fill(~ok, -math.inf)
     v, j = s.topk(min(k, s.shape[1]), dim=-1)
-    idx = candidates.gather(1, j).masked_fill(~torch.isfinite(v), -1)
-    if v.shape[1] < k:
-        v = torch.nn.functional.pad(v, (0, k - v.shape[1]), value=-math.inf)
-        idx = torch.nn.functional.pad(idx, (0, k - idx.shape[1]), value=-1)
-    return v, idx
+    return _pad(v, candidates.gather(1, j), k)
 
 
 def _faiss():

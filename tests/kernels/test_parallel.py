@@ -72,7 +72,7 @@ def test_thread_rule_leaves_the_cores_other_processes_hold():
 def test_kernels_use_fewer_threads_while_other_processes_hold_the_cores():
     cpus = len(os.sched_getaffinity(0))
     if _C.num_threads() < 2 or cpus != os.cpu_count():
-        pytest.skip("needs >= 2 kernel threads and all of the machine's cores (the load is machine-wide)")
+        pytest.skip(reason="needs >= 2 kernel threads and all of the machine's cores (the load is machine-wide)")
     expected_idle = min(_C.num_threads(), cpus)
 
     def settled(target, seconds):  # samples are >= 5 ms apart and a change shows within three
