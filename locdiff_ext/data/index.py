@@ -278,9 +278,9 @@ def recall_at_k(index: GalleryIndex, queries: Tensor, k: int) -> float:
     return float(np.mean(hits))
 
 
-def _cells(index: GalleryIndex, cells: int) -> Tuple[list, Tensor]:
-    """The rows of each inverted list of a FAISS IVF index (sorted) and, per list, the ``cells`` lists whose
-    centroids are nearest its own (itself first)."""
+def _cells(index: GalleryIndex, cells: int) -> Tuple[list, Tensor, Tensor]:
+    """The rows of each inverted list of a FAISS IVF index (sorted), per list the ``cells`` lists whose
+    centroids are nearest its own (itself first), and the centroids."""
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index.faiss_index)
     inv = ivf.invlists
@@ -291,7 +291,39 @@ def _cells(index: GalleryIndex, cells: int) -> Tuple[list, Tensor]:
         members.append(torch.from_numpy(np.sort(ids.astype(np.int64))))
     centroids = torch.from_numpy(ivf.quantizer.reconstruct_n(0, ivf.nlist))
     near = (centroids @ centroids.T).topk(min(cells, ivf.nlist), dim=-1).indices
-    return members, near
+    return members, near, centroids
+
+
+def _far_cells(members: list, coords: np.ndarray, centroids: Tensor, cos_far: float, skip: int, count: int,
+               scan: int = 64, sample: int = 32) -> Tensor:
+    """Per cell, ``count`` further cells to draw far-list candidates from: among the ``scan`` cells whose
+    centroids follow the ``skip`` nearest (the joined ones), the nearest in embedding space whose rows lie
+    mostly (>= half of a ``sample`` x ``sample`` sample of row pairs) farther apart on Earth than
+    acos(cos_far); where fewer qualify, those with the largest far share.  Why: where embedding follows
+    location, the joined cells hold few rows beyond the far radius, and the far list (NeighbourLists)
+    must still find the lookalikes elsewhere."""
+    nlist = len(members)
+    pick = torch.zeros(nlist, sample, 3, dtype=torch.float64)
+    valid = torch.zeros(nlist, sample, dtype=torch.bool)
+    for c, ids in enumerate(members):
+        if len(ids):
+            take = ids[torch.linspace(0, len(ids) - 1, min(sample, len(ids))).long()]
+            pick[c, :len(take)] = _xyz(coords[take.numpy()])
+            valid[c, :len(take)] = True
+    width = min(scan, max(0, nlist - skip))
+    if width == 0 or count == 0:
+        return torch.zeros(nlist, 0, dtype=torch.int64)
+    order = (centroids @ centroids.T).topk(skip + width, dim=-1).indices[:, skip:]
+    out = []
+    for lo in range(0, nlist, 256):
+        c = torch.arange(lo, min(nlist, lo + 256))
+        d = order[c]  # [b, width]
+        dots = torch.einsum("bix,bwjx->bwij", pick[c], pick[d])
+        pair = valid[c][:, None, :, None] & valid[d][:, :, None, :]
+        share = ((dots < cos_far) & pair).sum((-1, -2)) / pair.sum((-1, -2)).clamp_min(1)
+        rank = torch.where(share >= 0.5, 2.0 - torch.arange(width) / width, share)  # qualifying first, by order
+        out.append(d.gather(1, rank.topk(min(count, width), dim=-1).indices))
+    return torch.cat(out)
 
 
 def recall_of_lists(lists: "NeighbourLists", rows: Tensor) -> float:
@@ -377,7 +409,7 @@ class NeighbourLists:
 
     @classmethod
     def build(cls, index: GalleryIndex, k: int = 64, far: int = 16, far_km: float = 2000.0, chunk: int = 4096,
-              progress: bool = True, cells: int = 8) -> "NeighbourLists":
+              progress: bool = True, cells: int = 8, far_cells: int = 4) -> "NeighbourLists":
         """Every row's candidates (class docstring; exact similarities), written beside the store.
         Interrupted, a second call with the same store and k continues where the first stopped.
 
@@ -387,7 +419,8 @@ class NeighbourLists:
         candidates are the most similar rows of the cells around its own.  Why: per-row search and
         re-ranking of a 5M gallery gathers 5M x K' rows at random (hours on two cores); a cell's join reads
         each neighbouring cell once for all its rows (minutes).  ``recall_of_lists`` measures how many of
-        the exact top k it finds."""
+        the exact top k it finds.  The far list also draws on ``far_cells`` further cells per cell, those
+        nearest in embedding space whose rows lie mostly beyond far_km (``_far_cells``)."""
         from ..progress import Progress
 
         store = index.store
@@ -399,7 +432,8 @@ class NeighbourLists:
         if meta is None:
             meta = {"format": LISTS_FORMAT, "k": k, "far": far, "far_km": far_km, "rows": n,
                     "store_sha256": store.header["content_sha256"], "index": index.kind,
-                    "cells": cells if by_cells else None, "done": 0, "complete": False}
+                    "cells": cells if by_cells else None, "far_cells": far_cells if by_cells else None,
+                    "done": 0, "complete": False}
             for path, width in zip(cls.paths(store, k), (k, k, far, far)):
                 dtype = np.float32 if "sims" in path.name else (np.int32 if n < 2**31 else np.int64)
                 np.lib.format.open_memmap(path, "w+", dtype, (n, width))
@@ -408,7 +442,8 @@ class NeighbourLists:
         out = [np.load(p, mmap_mode="r+") for p in cls.paths(store, k)]
         E, cos_far = _rows_tensor(store), math.cos(min(math.pi, far_km / EARTH_RADIUS_KM))
         if by_cells:
-            members, near = _cells(index, cells)
+            members, near, centroids = _cells(index, cells)
+            further = _far_cells(members, store.coords, centroids, cos_far, near.shape[1], int(meta.get("far_cells") or 0))
             inv = inverse_norms(store)
             todo, unit = len(members), "cell"
         else:
@@ -428,8 +463,12 @@ class NeighbourLists:
                         cand = torch.cat([members[j] for j in near[c]])
                         q = E[mine].float() * inv[mine, None]
                         sim = q @ (E[cand].float() * inv[cand, None]).T
-                        write(mine.numpy(), *_pad(*_merge_topk(_EMPTY(len(mine)), sim, cand.expand_as(sim), k), k),
-                              *_pad(*_far_topk(sim, cand, store, mine, cos_far, far), far))
+                        best = _pad(*_merge_topk(_EMPTY(len(mine)), sim, cand.expand_as(sim), k), k)
+                        extra = torch.cat([members[j] for j in further[c]] + [cand[:0]])
+                        if len(extra):
+                            sim = torch.cat([sim, q @ (E[extra].float() * inv[extra, None]).T], 1)
+                            cand = torch.cat([cand, extra])
+                        write(mine.numpy(), *best, *_pad(*_far_topk(sim, cand, store, mine, cos_far, far), far))
                 else:
                     lo, hi = c * chunk, min(n, (c + 1) * chunk)
                     q, qx = _unit(E[lo:hi]), _xyz(store.coords[lo:hi])

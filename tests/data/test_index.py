@@ -163,3 +163,31 @@ def test_an_index_or_lists_of_other_data_are_refused(store, world, tmp_path):
         GalleryIndex(store.subset([1, 2, 3]))
     with pytest.raises(ValueError, match="too few to train"):
         GalleryIndex.build(store, "IVF4096,SQ8", progress=False)
+
+
+def test_far_lists_of_a_faiss_index_reach_beyond_the_joined_cells(tmp_path):
+    """Where embedding follows location closely, the few joined cells hold rows of one region only: the far
+    list then comes from further cells whose rows lie far on Earth (NeighbourLists.build's far_cells), so
+    every row keeps its ``far`` candidates beyond far_km (at 5M rows the joined cells alone left all empty)."""
+    from locdiff_ext.kernels.geometry import great_circle_km
+
+    world, n = SyntheticGeo(dim=32, seed=0, noise=0.3), 20000
+    store = write_store(tmp_path / "s", world.chunks(0, n), n, 32, "float16")
+    exact = NeighbourLists.build(GalleryIndex(store, "exact"), 8, progress=False)
+    exact_far = np.array(exact.far_rows)
+    index = GalleryIndex.build(store, "IVF256,SQ8", progress=False)
+    found = {}
+    for far_cells in (0, 4):
+        for p in store.path.glob("neighbours-8.*"):
+            p.unlink()
+        lists = NeighbourLists.build(index, 8, progress=False, cells=4, far_cells=far_cells)
+        rows = np.array(lists.far_rows, np.int64)
+        found[far_cells] = ((rows >= 0).mean(), np.mean([len(set(a) & set(b)) / 16 for a, b in zip(rows, exact_far)]))
+    assert found[0][0] < 0.99 and found[4][0] == 1.0  # every row's 16 far candidates, only with the further cells
+    assert found[4][1] > found[0][1] + 0.1  # and more of the exact far list
+    assert lists.meta["far_cells"] == 4
+    sample = torch.arange(0, n, 97)
+    far = torch.from_numpy(rows[sample.numpy()])
+    d = great_circle_km(store.take(far.reshape(-1)).coords.reshape(-1, 16, 2),
+                        store.take(sample).coords[:, None, :].expand(-1, 16, 2))
+    assert (d > 2000).all()
