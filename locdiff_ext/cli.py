@@ -222,7 +222,8 @@ def _eval(args) -> int:
     preds, truth = [], []
     for part in data.chunks(65536):  # a store is read a chunk at a time
         coords, _, _ = model.predict(part.embeddings, num_samples=args.num_samples, steps=args.steps,
-                                     batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                                     batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                     hybrid=args.hybrid, prior_weight=args.prior_weight)
         preds.append(coords[:, 0])
         truth.append(part.coords)
     rows = {"LocDiff": geolocation_metrics(torch.cat(preds), torch.cat(truth))}
@@ -252,7 +253,8 @@ def _predict(args) -> int:
     else:
         inputs, names = list(args.inputs), list(args.inputs)
     results = geolocate(inputs, model=model, top_k=args.top_k, num_samples=args.num_samples, steps=args.steps,
-                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                        hybrid=args.hybrid, prior_weight=args.prior_weight)
     records = [{"input": n, "modes": [{"lat": a, "lon": b, "score": s} for a, b, s in r.modes]}
                for n, r in zip(names, results)]
     if args.json:
@@ -287,6 +289,11 @@ def _add_inference_flags(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines (stderr)")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
+                   help="LocDiff-H (retrieval models): snap each answer to the most similar gallery entry near it "
+                        "(default: as saved with the model)")
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="retrieval models: the kNN density's share of the answer, 0-1 (default: as saved)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

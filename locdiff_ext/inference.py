@@ -83,18 +83,23 @@ def geolocate(inputs, model: Union[LocDiff, PathLike, None] = None, top_k: int =
               steps: Optional[int] = None, return_map: bool = False, batch_size: int = 64,
               device: Union[str, torch.device, None] = None, guidance_scale: Optional[float] = None,
               aggregate: Optional[str] = None, map_size: Tuple[int, int] = (180, 360), seed: int = 0,
-              progress: bool = False) -> List[Geolocation]:
+              progress: bool = False, hybrid: Optional[bool] = None,
+              prior_weight: Optional[float] = None) -> List[Geolocation]:
     """Where on Earth? One ``Geolocation`` per input, in input order.
 
     ``inputs``: image paths, PIL images, image tensors ([3, H, W] each or [N, 3, H, W]) through the
     model's image encoder, or precomputed embeddings [N, D].  ``model``: a LocDiff, a directory
     written by ``save_pretrained``, or None for the demo model of ``locdiff demo``.  ``num_samples``
     and ``steps`` default to the model's config; ``seed`` makes the sampling reproducible; ``progress``
-    shows a bar on a terminal and periodic lines in logs."""
+    shows a bar on a terminal and periodic lines in logs.  Retrieval models (LocDiff-R): ``hybrid``
+    (LocDiff-H: each answer snapped to the most similar gallery entry near it) and ``prior_weight`` (the
+    share of the kNN density in the answer) default to the values saved with the model, chosen on
+    validation data (``LocDiff.predict``)."""
     m = _resolve_model(model, device)
     coords, scores, maps = m.predict(inputs, top_k=top_k, num_samples=num_samples, steps=steps,
                                      guidance_scale=guidance_scale, aggregate=aggregate, return_map=return_map,
-                                     map_size=map_size, batch_size=batch_size, seed=seed, progress=progress)
+                                     map_size=map_size, batch_size=batch_size, seed=seed, progress=progress,
+                                     hybrid=hybrid, prior_weight=prior_weight)
     results = []
     for i in range(coords.shape[0]):
         modes = [(float(c[0]), float(c[1]), float(s)) for c, s in zip(coords[i], scores[i]) if not math.isnan(float(c[0]))]

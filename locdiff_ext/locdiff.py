@@ -30,7 +30,8 @@ from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss,
                               mse_loss)
-from .model.retrieval import Gallery, neighbour_features, sample_holdout, visible_neighbours
+from .model.retrieval import (Gallery, neighbour_density, neighbour_features, sample_holdout, snap_to_neighbours,
+                              visible_neighbours)
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
 from .progress import Progress
@@ -38,6 +39,7 @@ from .progress import Progress
 PathLike = Union[str, os.PathLike]
 LOSSES = ("shdd_kl", "mse")
 SAMPLERS = ("ddim", "ddpm", "dpm++")
+HYBRID_CANDIDATES = 64  # the neighbours LocDiff-H may snap a mode to (snap_to_neighbours)
 MAX_WIDTH = 1 << 16  # bound on cond_dim, time_dim and CS-UNet widths: a 65536^2 layer is already 16 GiB
 
 
@@ -73,6 +75,11 @@ class LocDiffConfig:
     retrieval_k: int = 0                            # > 0: condition on the k most similar gallery entries
     retrieval_holdout_km: float = 1000.0            # training hold-out caps' radii up to this (locdiff_ext.model.retrieval)
     retrieval_temperature: float = 0.03             # softmax temperature of the neighbours' density prior
+    prior_weight: float = 0.0                       # inference: (1 - w) sample mean + w kNN density (chosen on validation)
+    prior_k: int = 16                               # that density's neighbours (retrieval models only)
+    prior_temperature: float = 0.03                 # and its softmax temperature
+    hybrid: bool = False                            # LocDiff-H: snap each mode to the most similar neighbour near it
+    hybrid_km: Optional[float] = None               # the snapping radius (default: lobe_km, the resolution at L)
     image_encoder: Optional[Dict[str, Any]] = None  # config of the image encoder, if any
 
     def __post_init__(self):
@@ -85,7 +92,7 @@ class LocDiffConfig:
 
     def _validate(self) -> None:
         ints = {"cond_dim": (1, MAX_WIDTH), "L": (1, 256), "time_dim": (1, MAX_WIDTH), "train_timesteps": (1, 100_000),
-                "num_samples": (1, 65_536), "retrieval_k": (0, 1024)}
+                "num_samples": (1, 65_536), "retrieval_k": (0, 1024), "prior_k": (1, 1024)}
         for name, (lo, hi) in ints.items():
             check_int(getattr(self, name), name, lo, hi)
         check_int(self.sample_steps, "sample_steps", 1, self.train_timesteps)
@@ -93,7 +100,14 @@ class LocDiffConfig:
             raise ValueError(f"widths must be a list of 1 to 16 ints, got {self.widths!r}")
         self.widths = tuple(check_int(w, "widths[i]", 1, MAX_WIDTH) for w in self.widths)
         check_float(self.map_sharpness, "map_sharpness", 0.0, 100.0, lo_open=True)
-        for name in ("w0_initial", "w0", "kl_temperature", "retrieval_temperature"):
+        check_float(self.prior_weight, "prior_weight", 0.0, 1.0)
+        if self.hybrid_km is not None:
+            check_float(self.hybrid_km, "hybrid_km", 0.0, 20038.0, lo_open=True)
+        if not isinstance(self.hybrid, bool):
+            raise TypeError(f"hybrid must be a bool, got {self.hybrid!r}")
+        if self.retrieval_k == 0 and (self.prior_weight > 0 or self.hybrid):
+            raise ValueError("prior_weight > 0 and hybrid=True need a gallery: set retrieval_k > 0 (LocDiff-R)")
+        for name in ("w0_initial", "w0", "kl_temperature", "retrieval_temperature", "prior_temperature"):
             check_float(getattr(self, name), name, 0.0, lo_open=True)
         for name in ("taper_sigma", "kl_smoothing"):
             if getattr(self, name) is not None:
@@ -306,12 +320,14 @@ class LocDiff(nn.Module):
         return self
 
     def _net_condition(self, cond: Tensor, coords: Optional[Tensor] = None,
-                       neighbours: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+                       neighbours: Optional[Tuple[Tensor, Tensor]] = None,
+                       found: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """What the denoiser is conditioned on: the embeddings, plus for a retrieval-conditioned model
         its neighbours' features and prior (locdiff_ext.model.retrieval); given the true ``coords``
         (training), the gallery within a random hold-out region around each is hidden.  ``neighbours``
         (similarities [B, K'], coords [B, K', 2]): each row's precomputed candidates (a store's neighbour
-        lists), from which the visible ones are taken instead of searching the gallery."""
+        lists), from which the visible ones are taken instead of searching the gallery.  ``found``: at
+        inference, the inputs' neighbours already searched (``_neighbours``), best first: the first k are used."""
         if self.gallery is None:
             return cond
         k = self.config.retrieval_k
@@ -320,6 +336,8 @@ class LocDiff(nn.Module):
             if coords is None:
                 raise ValueError("neighbours: candidate lists are for training rows (pass their coords)")
             sims, nb = visible_neighbours(neighbours[0], neighbours[1], k, centre, radius)
+        elif found is not None and coords is None:
+            sims, nb = found[0][:, :k], found[1][:, :k]
         else:
             sims, nb = self.gallery.search(unit_rows(cond.float()), k, centre, radius)
         feats, prior = neighbour_features(sims.to(cond.device), nb.to(cond.device), self.shdd,
@@ -364,15 +382,16 @@ class LocDiff(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: Tensor, num_samples: int, steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-               generator=None) -> Tensor:
+               generator=None, found: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """Scaled SHDD samples [B, S, K] for conditioned embeddings ``cond`` [B, D]; ``generator``: one
-        torch.Generator, or one per row of ``cond`` (each draws that row's samples)."""
+        torch.Generator, or one per row of ``cond`` (each draws that row's samples); ``found``: the rows'
+        gallery neighbours when already searched (``_neighbours``)."""
         g = self.default_guidance if guidance_scale is None else float(guidance_scale)
         if g != 1.0 and self.config.cond_drop_prob == 0.0:
             raise ValueError("guidance_scale != 1 needs a model trained with cond_drop_prob > 0 "
                              "(its unconditional branch is untrained)")
         B = cond.shape[0]
-        rep = self._net_condition(cond).repeat_interleave(num_samples, dim=0)
+        rep = self._net_condition(cond, found=found).repeat_interleave(num_samples, dim=0)
         was_training = self.net.training
         self.net.eval()
         try:
@@ -404,10 +423,15 @@ class LocDiff(nn.Module):
     @torch.no_grad()
     def predict(self, inputs, top_k: int = 1, num_samples: Optional[int] = None, steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, aggregate: Optional[str] = None, return_map: bool = False,
-                map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0, progress: bool = False):
+                map_size: Tuple[int, int] = (180, 360), batch_size: int = 64, seed: int = 0, progress: bool = False,
+                hybrid: Optional[bool] = None, prior_weight: Optional[float] = None):
         """Batched inference: returns (coords [N, top_k, 2], scores [N, top_k], maps [N, nlat, nlon]
         or None) as CPU tensors; rows with fewer distinct modes than top_k are NaN / -inf padded.
-        ``progress``: a bar on a terminal, periodic lines in logs (locdiff_ext.progress)."""
+        ``progress``: a bar on a terminal, periodic lines in logs (locdiff_ext.progress).
+        Retrieval models only (defaults from the config, chosen on validation by
+        ``locdiff_ext.selection.tune_inference``): ``prior_weight`` w mixes the samples' mean with
+        the inputs' kNN density, (1 - w) LocDiff + w prior (w = 1 is the kNN density itself, and sampling is
+        skipped); ``hybrid`` (LocDiff-H) moves each mode to the most similar neighbour within ``hybrid_km``."""
         (nlat, _), (nlon, _) = decode_grid_limits(self.config.L)
         check_int(top_k, "top_k", 1, nlat * nlon)  # more modes than decoder grid cells cannot exist
         S = check_int(self.config.num_samples if num_samples is None else num_samples, "num_samples", 1, 65_536)
@@ -423,6 +447,12 @@ class LocDiff(nn.Module):
         agg = aggregate or self.config.aggregate
         if agg not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {agg!r}")
+        w = self.config.prior_weight if prior_weight is None else check_float(prior_weight, "prior_weight", 0.0, 1.0)
+        hyb = self.config.hybrid if hybrid is None else hybrid
+        if not isinstance(hyb, bool):
+            raise TypeError(f"hybrid must be a bool or None, got {hyb!r}")
+        if self.gallery is None and (w > 0 or hyb):
+            raise ValueError("prior_weight > 0 and hybrid=True need a gallery: this model has retrieval_k=0")
         raw = self._model_inputs(inputs)
         cond = self._encode(raw)
         if cond.shape[0] == 0:
@@ -435,8 +465,16 @@ class LocDiff(nn.Module):
         with Progress(cond.shape[0], "predict", "input", enabled=progress) as bar:
             for i in range(0, cond.shape[0], batch_size):
                 gens = [torch.Generator().manual_seed(v) for v in seeds[i:i + batch_size]]
-                samples = self.sample(cond[i:i + batch_size], S, steps, guidance_scale, gens)
+                b = cond[i:i + batch_size]
+                found = self._neighbours(b, w, hyb)
+                samples = self.sample(b, S, steps, guidance_scale, gens, found) if w < 1 else None
+                if w > 0:
+                    prior = neighbour_density(*found, self.shdd, self.config.prior_k, self.config.prior_temperature)
+                    prior = prior[:, None, :].to(b.device)
+                    samples = prior if samples is None else torch.lerp(samples, prior.expand_as(samples), w)
                 c, s = self.aggregator(samples, top_k, agg)
+                if hyb:
+                    c = snap_to_neighbours(c, found[0], found[1], self.hybrid_km)
                 out_c.append(c.cpu())
                 out_s.append(s.cpu())
                 if return_map:
@@ -444,6 +482,20 @@ class LocDiff(nn.Module):
                 bar.update(samples.shape[0])
         maps = torch.cat(out_m) if return_map else None
         return torch.cat(out_c), torch.cat(out_s), maps
+
+    def _neighbours(self, cond: Tensor, prior_weight: float, hybrid: bool) -> Optional[Tuple[Tensor, Tensor]]:
+        """One gallery search per batch for all that inference needs: the network's k neighbours, the
+        prior's ``prior_k`` and the hybrid's ``HYBRID_CANDIDATES``: (similarities [B, K], coords [B, K, 2])."""
+        if self.gallery is None:
+            return None
+        c = self.config
+        k = max(c.retrieval_k, c.prior_k if prior_weight > 0 else 0, HYBRID_CANDIDATES if hybrid else 0)
+        return self.gallery.search(unit_rows(cond.float()), k)
+
+    @property
+    def hybrid_km(self) -> float:
+        """The hybrid's snapping radius: the config's (chosen on validation), else one lobe width."""
+        return self.config.hybrid_km if self.config.hybrid_km is not None else self.lobe_km
 
     def _predict_bytes(self, rows: int, samples: int, guidance_scale: Optional[float]) -> int:
         """Rough peak memory of sampling ``rows`` inputs x ``samples``: the sampler's copies of the

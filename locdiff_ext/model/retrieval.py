@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..checks import check_float, check_int, validate_coords, validate_embeddings
 from ..data.index import GalleryIndex
 from ..data.store import EmbeddingStore
-from ..kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz, unit_rows, xyz_to_latlon
+from ..kernels.geometry import EARTH_RADIUS_KM, great_circle_km, latlon_to_xyz, unit_rows, xyz_to_latlon
 from .aggregate import SampleAggregator
 from .shdd import SHDDDecoder, SHDDEncoder
 
@@ -206,6 +206,28 @@ def neighbour_features(sims: Tensor, coords: Tensor, shdd: nn.Module, temperatur
     return torch.where(ok, sims.float(), torch.full_like(sims.float(), -1.0)), prior
 
 
+def neighbour_density(sims: Tensor, coords: Tensor, shdd: nn.Module, k: int, temperature: float) -> Tensor:
+    """The kNN density of the best ``k`` of the neighbours (``sims`` [B, K'] best first, ``coords`` [B, K', 2]):
+    the softmax(similarity / temperature)-weighted mean of their SHDD vectors [B, (L+1)^2], the
+    prior that ``KNNDensity`` decodes and that ``LocDiff.predict`` mixes in (``prior_weight``)."""
+    return neighbour_features(sims[:, :k], coords[:, :k], shdd, temperature)[1][:, shdd.dim:]
+
+
+def snap_to_neighbours(modes: Tensor, sims: Tensor, coords: Tensor, radius_km: float) -> Tensor:
+    """LocDiff-H: each mode (``modes`` [B, T, 2]) moved to the location of the most similar of the query's
+    neighbours (``sims`` [B, K] best first, ``coords`` [B, K, 2]) within ``radius_km`` of it, and left
+    where it is if none is that close.  Why: the diffusion model finds the region, the gallery knows the
+    exact spots in it; the paper's hybrid searches the whole gallery around the mode, this searches the
+    query's K best matches (one index search, whatever the gallery's size), which hold the spots a
+    similar-enough entry would be at."""
+    c = coords.to(modes)
+    d = great_circle_km(modes[:, :, None, :].expand(-1, -1, c.shape[1], -1), c[:, None, :, :].expand(-1, modes.shape[1], -1, -1))
+    near = (d <= radius_km) & torch.isfinite(sims.to(modes.device))[:, None, :]  # NaN distances compare False
+    first = near.int().argmax(-1)  # the best-ranked neighbour within the radius
+    snapped = c.gather(1, first[..., None].expand(-1, -1, 2))
+    return torch.where(near.any(-1)[..., None], snapped, modes)
+
+
 class KNNDensity:
     """The kNN top-k density baseline: the softmax(similarity / temperature)-weighted mixture of the
     SHDD vectors of the ``k`` most similar gallery entries (the prior a LocDiff-R denoiser sees, a
@@ -229,8 +251,7 @@ class KNNDensity:
         """The weighted SHDD mixture of each query's neighbours as one scaled 'sample': [N, 1, K]."""
         q = unit_rows(validate_embeddings(emb, "emb", self.gallery.dim).float())
         sims, coords = self.gallery.search(q, self.k)
-        _, prior = neighbour_features(sims, coords, self.shdd, self.temperature)
-        return prior[:, self.shdd.dim:, None].transpose(1, 2)
+        return neighbour_density(sims, coords, self.shdd, self.k, self.temperature)[:, None, :]
 
     @torch.no_grad()
     def predict(self, emb: Tensor, chunk: int = 1024) -> Tensor:
@@ -244,4 +265,5 @@ class KNNDensity:
         return self.aggregator.probability_map(self.mixture(emb), nlat, nlon)
 
 
-__all__ = ["Gallery", "sample_holdout", "visible_neighbours", "holdout_shortfall", "neighbour_features", "KNNDensity"]
+__all__ = ["Gallery", "sample_holdout", "visible_neighbours", "holdout_shortfall", "neighbour_features",
+           "neighbour_density", "snap_to_neighbours", "KNNDensity"]
