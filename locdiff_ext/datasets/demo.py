@@ -18,7 +18,8 @@
    (LocDiff-R: the denoiser also sees its input's most similar training crops,
    locdiff_ext.model.retrieval; ``retrieval_k=0`` / ``--retrieval-k 0`` trains the paper's plain model);
    fit the baselines (kNN top-1 retrieval, kNN density, grid classification, unit-vector regression) on
-   the same embeddings; LocDiff-H on top.
+   the same embeddings; LocDiff-H on top.  LocDiff-R's prior weight and hybrid radius are chosen on the
+   validation crops too (locdiff_ext.selection): the saved model answers with them, its row "anchored".
 4. Evaluate everything once on both test sets, print the table (with paired bootstrap intervals of
    the LocDiff rows' differences to each baseline) and the calibration of the credible regions, write
    results.json / results.md, a reliability plot, a PNG world map of a few held-out crops with their
@@ -47,6 +48,7 @@ from ..encoders import ImageEncoder, SmallCNNEncoder
 from ..evaluation import (calibration_table, compare_methods, coverage, fit_baselines, fit_sharpness,
                           geolocation_metrics, markdown_table, paired_table, reliability_levels, sharpen)
 from ..inference import default_model_dir
+from ..selection import tune_inference
 from ..kernels.geometry import fibonacci_cells, latlon_to_xyz, unit_rows
 from ..locdiff import LocDiff, LocDiffConfig
 from ..model import KNNDensity
@@ -264,6 +266,16 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                             retrieval_temperature=knn_choice["temperature"])
     baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
     baselines["knn_density"] = KNNDensity(emb[tr], coords[tr], L=cfg.L, **knn_choice)
+    val_all = np.concatenate(list(val.values()))
+    anchored, choice = None, None
+    if locdiff.gallery is not None:  # LocDiff-R: its prior weight and hybrid radius, chosen on validation too
+        tuned = tune_inference(locdiff, emb[val_all], coords[val_all], seed=cfg.seed, knn=knn_choice)
+        radius = "off" if tuned["hybrid_km"] is None else f"{tuned['hybrid_km']:.0f} km"
+        anchored = f"LocDiff-R, anchored (w={tuned['prior_weight']:g}, hybrid {radius})"
+        choice = {"name": anchored, "prior_weight": tuned["prior_weight"], "hybrid_km": tuned["hybrid_km"],
+                  "validation_scores": {f"w={w:g}, r={'off' if r is None else round(r)}": v
+                                        for (w, r), v in tuned["table"].items()}}
+        log(f"      chosen on validation: LocDiff-R prior weight {tuned['prior_weight']:g}, hybrid {radius}")
     timings["training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -277,31 +289,34 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
         log(f"      {split}: {len(idx)} crops")
         modes, _, test_maps[split] = locdiff.predict(emb[idx], seed=cfg.seed, return_map=True, map_size=(90, 180),
                                                      progress=progress)  # one pass: answers and maps
+        variants = {}
+        if anchored is not None:  # the maps are the anchored model's (what geolocate returns); the first row as trained
+            variants[anchored] = modes[:, 0]
+            modes = locdiff.predict(emb[idx], seed=cfg.seed, prior_weight=0.0, hybrid=False)[0]
         results[split], paired[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx],
-                                                        cfg.seed, paired=True, modes=modes)
+                                                        cfg.seed, paired=True, modes=modes, variants=variants)
         examples[split] = idx
     # How far to trust an answer: the 50% / 90% credible regions of the methods with a density (LocDiff's
     # probability maps, the kNN density, the grid classifier's softmax), each temperature-scaled with the
     # exponent that calibrates it on the validation crops (calibration.fit_sharpness), and a reliability plot.
     names = list(results["test_region"])
-    density_methods = {names[0]: lambda e: locdiff.predict(e, seed=cfg.seed, return_map=True, map_size=(90, 180))[2],
+    density_methods = {anchored or names[0]: lambda e: locdiff.predict(e, seed=cfg.seed, return_map=True, map_size=(90, 180))[2],
                        next(n for n in names if n.startswith("kNN density")):
                            lambda e: baselines["knn_density"].prob_map(e, 90, 180),
                        "grid classification (1024 cells)": lambda e: baselines["grid"].prob_map(unit_rows(e.float()), 90, 180)}
-    val_all = np.concatenate(list(val.values()))
     sharpness = {m: fit_sharpness(f(emb[val_all]), coords[val_all]) for m, f in density_methods.items()}
     log("      calibrated on validation: " + ", ".join(f"{m.split(' (')[0]} s={v:g}" for m, v in sharpness.items()))
     levels, calibration, curves = reliability_levels(), {}, {}
     for split, short in [("test_region", "unseen"), ("test_random", "seen")]:
         idx = examples[split]
         for method, f in density_methods.items():
-            raw = test_maps[split] if method == names[0] else f(emb[idx])
+            raw = test_maps[split] if method == (anchored or names[0]) else f(emb[idx])
             for label, m in [(f"{method}, raw", raw), (f"{method}, calibrated (s={sharpness[method]:g})",
                                                         sharpen(raw, sharpness[method]))]:
                 cov = coverage(m, coords[idx], levels)
                 calibration.setdefault(split, {})[label] = {p: cov[p] for p in (0.5, 0.9)}
             curves[f"{method.split(' (')[0]}, {short}"] = (levels, [cov[p]["coverage"] for p in levels])
-    locdiff.config.map_sharpness = sharpness[names[0]]  # the saved model's maps are the calibrated ones
+    locdiff.config.map_sharpness = sharpness[anchored or names[0]]  # the saved model's maps are the calibrated ones
     from .mapplot import write_reliability_plot
 
     reliability_path = write_reliability_plot(run_dir / "reliability.png", curves)
@@ -342,6 +357,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                                                        "validation": {"knn_density_scores": knn_scores,
                                                                       "knn_density_chosen": knn_choice,
                                                                       "map_sharpness": sharpness,
+                                                                      "anchored": choice,
                                                                       "sizes": {k: len(v) for k, v in val.items()}},
                                                        "config": asdict(cfg), "sizes": sizes, "timings": timings}, indent=1))
     log("")

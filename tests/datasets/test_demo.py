@@ -23,18 +23,20 @@ def test_demo_quick_end_to_end(tmp_path):
     assert chosen["k"] in (4, 16) and chosen["temperature"] in (0.03, 0.1)
     assert len(report["validation"]["knn_density_scores"]) == 4
     knn_density = f"kNN density (k={chosen['k']})"
+    anchored = report["validation"]["anchored"]  # LocDiff-R's prior weight and hybrid radius, chosen on validation
+    assert 0 <= anchored["prior_weight"] <= 1 and len(anchored["validation_scores"]) == 9 * 7
     for split in ("test_region", "test_random"):
-        assert set(report["results"][split]) >= {"LocDiff-R (k=8)", "LocDiff-R + H", "kNN retrieval (top-1)",
-                                                 knn_density, "unit-vector regression"}
+        assert set(report["results"][split]) >= {"LocDiff-R (k=8)", "LocDiff-R + H", anchored["name"],
+                                                 "kNN retrieval (top-1)", knn_density, "unit-vector regression"}
         assert all(m["n"] == 200 for m in report["results"][split].values())
-        diffs = report["paired_differences"][split]  # each LocDiff row minus each of the 4 baselines
-        assert len(diffs) == 8 and "LocDiff-R + H - kNN retrieval (top-1)" in diffs
+        diffs = report["paired_differences"][split]  # each of the 3 LocDiff rows minus each of the 4 baselines
+        assert len(diffs) == 12 and f"{anchored['name']} - {knn_density}" in diffs and "LocDiff-R + H - kNN retrieval (top-1)" in diffs
         assert all(lo <= d <= hi for row in diffs.values() for d, lo, hi in row.values())
     assert "95% paired bootstrap" in out.stdout and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in out.stdout
     for split in ("test_region", "test_random"):  # credible regions of the methods with a density
         cal = report["calibration"][split]
         sharp = report["validation"]["map_sharpness"]  # one exponent per method, fitted on validation crops
-        assert set(sharp) == {"LocDiff-R (k=8)", knn_density, "grid classification (1024 cells)"}
+        assert set(sharp) == {anchored["name"], knn_density, "grid classification (1024 cells)"}
         assert set(cal) == {f"{m}, raw" for m in sharp} | {f"{m}, calibrated (s={v:g})" for m, v in sharp.items()}
         for levels in cal.values():
             assert set(levels) == {"0.5", "0.9"} and 0 <= levels["0.5"]["coverage"] <= levels["0.9"]["coverage"] <= 1
@@ -62,7 +64,8 @@ def test_demo_quick_end_to_end(tmp_path):
     gray = tmp_path / "gray.png"
     Image.open(examples[0]).convert("L").save(gray)
     assert np.isfinite(ld.geolocate([gray], model=model)[0].lat)
-    assert model.config.map_sharpness == report["validation"]["map_sharpness"]["LocDiff-R (k=8)"]
+    assert model.config.map_sharpness == report["validation"]["map_sharpness"][anchored["name"]]
+    assert (model.config.prior_weight, model.config.hybrid_km) == (anchored["prior_weight"], anchored["hybrid_km"])
     assert model.image_encoder is not None and model.config.image_encoder == {
         "kind": "efficientnet_lite", "variant": "lite0", "image_size": 64, "center_crop": False}
     truth = torch.tensor([float(v) for v in examples[0].stem.replace("crop_lat", "").split("_lon")])
