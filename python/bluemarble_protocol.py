@@ -51,6 +51,7 @@ def _cell(values, digits: int = 1, sign: bool = False, percent: bool = False) ->
 def _generic(name: str) -> str:
     """A method's name without its run-specific parts (the kNN density's k and a calibration's exponent s are
     chosen per seed)."""
+    name = re.sub(r"anchored \(w=[^)]*\)", "anchored (chosen on validation)", name)
     return re.sub(r" \(s=[0-9.e+-]+\)", "", re.sub(r"kNN density \(k=\d+\)", "kNN density", name))
 
 
@@ -77,10 +78,12 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
                     a, b = name.split(" - ", 1)
                     for k, (mean, _, _) in d.items():
                         diffs.setdefault(f"{a} - {_generic(b)}", {}).setdefault(k, []).append(mean)
-            keys = ["acc_200km", "acc_750km", "acc_2500km"]
+            keys = [k for k in ("acc_25km", "acc_200km", "acc_750km", "acc_2500km")
+                    if all(k in d for d in diffs.values())]  # reports before 2026-12-06 have 200 km and up
             out += ["", "Paired differences in points (LocDiff row minus baseline on the same crops), mean over seeds "
-                    "and its 95% interval over seeds:", "", "| comparison | 200 km | 750 km | 2500 km |",
-                    "|---|---:|---:|---:|"]
+                    "and its 95% interval over seeds:", "",
+                    "| comparison | " + " | ".join(k[4:].replace("km", " km") for k in keys) + " |",
+                    "|---|" + "---:|" * len(keys)]
             out += [f"| {name} | " + " | ".join(_cell(v[k], 1, sign=True) for k in keys) + " |" for name, v in diffs.items()]
             cal: Dict[str, Dict[str, list]] = {}
             for r in reports:

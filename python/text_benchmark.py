@@ -141,6 +141,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="LocDiff training steps (default 2500; --quick: 200)")
     p.add_argument("--L", type=int, default=None, help="SH degree (default 32; --quick: 16)")
     p.add_argument("--retrieval-k", type=int, default=8, help="LocDiff-R's neighbours")
+    p.add_argument("--holdout-km", type=float, default=1000.0, help="LocDiff-R's training hold-out caps' largest radius")
+    p.add_argument("--reuse", action="store_true",
+                   help="load the models an earlier run saved in --out instead of training them again (the choices on "
+                        "validation and the test are redone)")
     p.add_argument("--quick", action="store_true", help="1500 places, 200 steps, one seed (a smoke test)")
     p.add_argument("--out", default="results/text")
     args = p.parse_args(argv)
@@ -165,14 +169,22 @@ def main(argv=None):
         k, T = knn["k"], knn["temperature"]
         per_seed, preds, choices, diags = [], {}, [], []
         for seed in args.seeds:
-            torch.manual_seed(seed)
-            model = ld.LocDiff(ld.LocDiffConfig(cond_dim=tr_e.shape[1], L=args.L, widths=(512, 256, 128), time_dim=128,
-                                                retrieval_k=args.retrieval_k))
-            cfg = TrainConfig(steps=args.steps, batch_size=256, lr=1e-3, warmup_steps=max(1, min(200, args.steps // 10)),
-                              eval_every=0, checkpoint_every=0, seed=seed)
-            trainer = Trainer(model, EmbeddingDataset(tr_e, tr_c), out / f"training-{split}-seed{seed}", cfg, device="cpu")
-            trainer.fit(resume=False, overwrite=True)  # this recipe's own scratch run: a rerun replaces it
-            m = trainer.ema
+            saved = out / f"model-{split}-seed{seed}"
+            if args.reuse and saved.is_dir():
+                m = ld.LocDiff.from_pretrained(saved)
+                m.config.prior_weight, m.config.hybrid, m.config.hybrid_km = 0.0, False, None  # chosen again below
+            else:
+                torch.manual_seed(seed)
+                model = ld.LocDiff(ld.LocDiffConfig(cond_dim=tr_e.shape[1], L=args.L, widths=(512, 256, 128),
+                                                    time_dim=128, retrieval_k=args.retrieval_k,
+                                                    retrieval_holdout_km=args.holdout_km))
+                cfg = TrainConfig(steps=args.steps, batch_size=256, lr=1e-3,
+                                  warmup_steps=max(1, min(200, args.steps // 10)), eval_every=0, checkpoint_every=0,
+                                  seed=seed)
+                trainer = Trainer(model, EmbeddingDataset(tr_e, tr_c), out / f"training-{split}-seed{seed}", cfg,
+                                  device="cpu")
+                trainer.fit(resume=False, overwrite=True)  # this recipe's own scratch run: a rerun replaces it
+                m = trainer.ema
             name = f"LocDiff-R (k={args.retrieval_k})"
             row = {name: m.predict(te_e, seed=seed)[0][:, 0],
                    f"{name} + H (paper: one lobe)": m.predict(te_e, seed=seed, hybrid=True)[0][:, 0]}
@@ -180,11 +192,12 @@ def main(argv=None):
             tuned = tune_inference(m, va_e, va_c, seed=seed, knn=knn)
             choices.append({"prior_weight": tuned["prior_weight"], "hybrid_km": tuned["hybrid_km"],
                             "val_score": tuned["score"], "val_score_as_trained": tuned["table"][(0.0, None)],
-                            "val_score_prior": tuned["table"][(1.0, None)],
+                            "val_score_prior": tuned["table"][(1.0, None)], "non_inferior": tuned["non_inferior"],
+                            "val_shortfall": tuned["shortfall"], "val_references": tuned["references"],
                             "table": {f"w={w:g}, r={'off' if r is None else round(r)}": v
                                       for (w, r), v in tuned["table"].items()}})
             row[f"{name}, anchored (chosen on validation)"] = m.predict(te_e, seed=seed)[0][:, 0]
-            m.save_pretrained(out / f"model-{split}-seed{seed}")
+            m.save_pretrained(saved)
             row[f"kNN density (k={k}, T={T:g})"] = KNNDensity(tr_e, tr_c, k=k, temperature=T, L=args.L).predict(te_e)
             row["kNN retrieval (top-1)"] = KNNDensity(tr_e, tr_c, k=1, L=args.L).predict(te_e)
             base = fit_baselines(tr_e, tr_c, steps=300 if args.quick else 3000, seed=seed)
@@ -218,7 +231,8 @@ def main(argv=None):
                   "Chosen per seed (validation score: mean % within the five distances): " + "; ".join(
                       f"seed {s}: w = {c['prior_weight']:g}, hybrid "
                       f"{'off' if c['hybrid_km'] is None else str(round(c['hybrid_km'])) + ' km'}, "
-                      f"{c['val_score']:.1f} (as trained {c['val_score_as_trained']:.1f}, prior {c['val_score_prior']:.1f})"
+                      f"{c['val_score']:.1f} (as trained {c['val_score_as_trained']:.1f}, prior {c['val_score_prior']:.1f}"
+                      f"{'' if c['non_inferior'] else ', %.1f points short of a baseline' % c['val_shortfall']})"
                       for s, c in zip(args.seeds, choices)),
                   "Diagnostics on validation per seed: " + "; ".join(
                       f"seed {s}: " + ", ".join(f"{key} {v:.1f}" if isinstance(v, float) else

@@ -343,7 +343,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
           f"T={knn_choice['temperature']:g}, chosen on validation.", ""]
     for split, rows in results.items():
         md += [f"### {titles[split]}, {next(iter(rows.values()))['n']} crops", "", markdown_table(rows), "",
-               "Differences in % within 200 / 750 / 2500 km, LocDiff rows minus each baseline on the same crops "
+               "Differences in % within 1 / 25 / 200 / 750 / 2500 km, LocDiff rows minus each baseline on the same crops "
                "(95% paired bootstrap interval; an interval that contains 0 is a tie):", "",
                paired_table(paired[split]), "",
                "Calibration: share of true locations inside each method's 50% / 90% highest-density credible "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..kernels.geometry import EARTH_RADIUS_KM, fibonacci_cells, grid_points, latlon_to_xyz, unit_rows, xyz_to_latlon
 from .calibration import cell_areas_km2
-from .metrics import geolocation_metrics, paired_bootstrap
+from .metrics import THRESHOLDS_KM, geolocation_metrics, paired_bootstrap
 
 
 def _mlp(d_in: int, d_out: int, hidden: int = 256) -> nn.Module:
@@ -178,7 +178,8 @@ def compare_methods(locdiff, baselines: dict, gallery_emb: Tensor, gallery_coord
         return metrics
     names = list(preds)
     ours = 2 + len(variants or {})
-    diffs = {f"{a} - {b}": paired_bootstrap(preds[a], preds[b], truth, seed=seed) for a in names[:ours] for b in names[ours:]}
+    diffs = {f"{a} - {b}": paired_bootstrap(preds[a], preds[b], truth, THRESHOLDS_KM, seed=seed)
+             for a in names[:ours] for b in names[ours:]}
     return metrics, diffs
 
 
