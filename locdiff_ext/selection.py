@@ -38,6 +38,20 @@ def accuracies(pred: Tensor, true: Tensor, thresholds: Sequence[float] = THRESHO
     return torch.stack([100.0 * (d <= t).double().mean() for t in thresholds])
 
 
+def _hits(pred: Tensor, true: Tensor) -> Tensor:
+    """[N, thresholds] 1.0 where ``pred`` lies within each of THRESHOLDS_KM of ``true``."""
+    d = great_circle_km(pred.double(), true.double())
+    return torch.stack([(d <= t).double() for t in THRESHOLDS_KM], 1)
+
+
+def _lower_bound(diff: Tensor) -> float:
+    """The smallest over thresholds of the 95% lower bound (points; normal approximation) of the mean of the
+    paired per-item differences ``diff`` [N, thresholds]."""
+    n = diff.shape[0]
+    se = diff.std(0, unbiased=True) / max(n, 2) ** 0.5 if n > 1 else torch.zeros(diff.shape[1], dtype=diff.dtype)
+    return float((100 * (diff.mean(0) - 1.96 * se)).min())
+
+
 def validation_score(pred: Tensor, true: Tensor, thresholds: Sequence[float] = THRESHOLDS_KM) -> float:
     """Mean over ``thresholds`` of the % of ``pred`` [N, 2] within that many km of ``true`` (NaN: a miss)."""
     return float(accuracies(pred, true, thresholds).mean())
@@ -77,20 +91,24 @@ def choose_knn_density(gallery_emb: Tensor, gallery_coords: Tensor, val_emb: Ten
 def tune_inference(model: LocDiff, val_emb: Tensor, val_coords: Tensor, seed: int = 0, num_samples: Optional[int] = None,
                    weights: Sequence[float] = PRIOR_WEIGHTS, lobes: Sequence[Optional[float]] = HYBRID_LOBES,
                    knn: Optional[Dict] = None, batch_size: int = 256, apply: bool = True,
-                   tolerance: float = 0.0) -> Dict:
+                   margin: float = 0.5) -> Dict:
     """Chooses a retrieval model's ``prior_weight`` and hybrid snapping radius on validation data (the
     module docstring), the prior being the kNN density with ``knn``'s (k, temperature) (default: chosen
     here by ``choose_knn_density`` over the model's in-memory gallery).  The diffusion samples are drawn
     once, as ``predict`` draws them; every (w, radius) pair is scored.
 
-    The choice must not lose to the baselines it is built from at any distance: among the settings whose
-    validation accuracy at every one of 1 / 25 / 200 / 750 / 2500 km is at least that of the kNN density and
-    of top-1 retrieval (less ``tolerance`` points), the best ``validation_score``; where none is, the one
-    with the smallest such shortfall ('non_inferior': False).  Why: a mean over distances alone trades the
-    1 km accuracy away for a fraction of a point elsewhere (the text benchmark's seen places did).  With
+    The choice must not lose to the baselines it is built from at any distance: among the settings that are
+    non-inferior to the kNN density and to top-1 retrieval at every one of 1 / 25 / 200 / 750 / 2500 km on
+    validation (the 95% lower bound of the paired difference, normal approximation, at least -``margin``
+    points), the best ``validation_score``; where none is, the one with the smallest such shortfall
+    ('non_inferior': False).  Why: a mean over distances alone trades the 1 km accuracy away for a fraction
+    of a point elsewhere, and a point estimate that merely ties on validation, picked among dozens of
+    settings, loses on test (both seen on the text benchmark's seen places).  A setting equal to a baseline
+    ties it (a zero difference qualifies), so where the kNN density is as good as top-1 at every distance
+    the density itself (w = 1) is the fallback of a network that adds nothing.  With
     ``apply`` the choice is written into ``model.config`` (saved by ``save_pretrained``).  Returns
     {'prior_weight', 'prior_k', 'prior_temperature', 'hybrid', 'hybrid_km', 'score', 'non_inferior',
-    'shortfall' (points), 'table': {(w, radius_km or None): score}, 'shortfalls': {the same keys: points},
+    'shortfall' (points below -margin), 'table': {(w, radius_km or None): score}, 'shortfalls': {the same keys: points},
     'references': {name: accuracies}}."""
     if model.gallery is None:
         raise ValueError("tune_inference: the model has no gallery (retrieval_k = 0): nothing to mix or snap to")
@@ -116,10 +134,10 @@ def tune_inference(model: LocDiff, val_emb: Tensor, val_coords: Tensor, seed: in
         nbs.append(found[1].cpu())
     samples, prior, sims, nbs = (torch.cat(x) for x in (samples, priors, sims, nbs))
     radii = [None if r is None else r * model.lobe_km for r in lobes]
-    refs = {"kNN density": accuracies(torch.cat([model.decoder(prior[i:i + batch_size].double(), 1)[0][:, 0]
-                                                 for i in range(0, prior.shape[0], batch_size)]), c),
-            "kNN retrieval (top-1)": accuracies(nbs[:, 0], c)}
-    floor = torch.maximum(*refs.values())
+    refs = {"kNN density": torch.cat([model.decoder(prior[i:i + batch_size].double(), 1)[0][:, 0]
+                                      for i in range(0, prior.shape[0], batch_size)]),
+            "kNN retrieval (top-1)": nbs[:, 0]}
+    hits = {n: _hits(p, c) for n, p in refs.items()}
     table, rank, best = {}, {}, None
     for w in weights:
         mixed = torch.lerp(samples, prior[:, None, :].expand_as(samples), float(w)) if w > 0 else samples
@@ -127,17 +145,17 @@ def tune_inference(model: LocDiff, val_emb: Tensor, val_coords: Tensor, seed: in
                           for i in range(0, mixed.shape[0], batch_size)])
         for r in radii:
             p = pred if r is None else snap_to_neighbours(pred, sims, nbs, r)
-            acc = accuracies(p[:, 0], c)
+            h = _hits(p[:, 0], c)
             key = (float(w), r)
-            table[key] = float(acc.mean())
-            short = max(0.0, float((floor - acc).max()) - tolerance)
+            table[key] = float(100 * h.mean())
+            short = max(0.0, max(-_lower_bound(h - ref) for ref in hits.values()) - margin)
             rank[key] = (-short, table[key])  # no shortfall first, then the score; ties keep the earlier setting
             if best is None or rank[key] > rank[best]:
                 best = key
     out = {"prior_weight": best[0], "prior_k": k, "prior_temperature": temp, "hybrid": best[1] is not None,
            "hybrid_km": best[1], "score": table[best], "non_inferior": rank[best][0] == 0.0,
            "shortfall": -rank[best][0], "table": table, "shortfalls": {key: -v[0] for key, v in rank.items()}, "knn": knn,
-           "references": {n: [float(v) for v in a] for n, a in refs.items()}}
+           "references": {n: [float(v) for v in 100 * h.mean(0)] for n, h in hits.items()}}
     if apply:
         cfg = model.config
         cfg.prior_weight, cfg.prior_k, cfg.prior_temperature = out["prior_weight"], k, temp

@@ -77,7 +77,7 @@ def test_choices_on_validation_are_saved_and_used_by_default(trained, tmp_path):
         assert got["non_inferior"] and got["score"] == max(got["table"][key] for key in ok)
     else:
         assert not got["non_inferior"] and got["shortfall"] == min(got["shortfalls"].values())
-    free = tune_inference(model, ve, vc, knn=knn, weights=(0.0, 0.5, 1.0), lobes=(None, 0.5), tolerance=100.0,
+    free = tune_inference(model, ve, vc, knn=knn, weights=(0.0, 0.5, 1.0), lobes=(None, 0.5), margin=100.0,
                           apply=False)  # any shortfall tolerated: the best mean score
     assert free["score"] == max(free["table"].values()) >= got["score"]
     best = tune_inference(model, ve, vc, knn=knn, weights=(got["prior_weight"],),
@@ -119,3 +119,14 @@ def test_bad_settings_are_named(trained, capsys):
         tune_inference(tiny_model(cond_dim=32), ve, vc)
     with pytest.raises(ValueError, match="val_coords"):
         tune_inference(model, ve, vc[:5], apply=False)
+
+
+def test_the_lower_bound_is_that_of_a_paired_difference():
+    from locdiff_ext.selection import _lower_bound
+
+    assert _lower_bound(torch.zeros(100, 5, dtype=torch.float64)) == 0.0  # identical answers: no doubt
+    d = torch.zeros(400, 5, dtype=torch.float64)
+    d[:20, 0] = 1.0  # +5 points at 1 km, with its sampling noise ...
+    d[20:40, 0] = -1.0  # ... and as many losses: a tie whose lower bound is negative
+    se = float(d[:, 0].std()) / 20
+    assert _lower_bound(d) == pytest.approx(-100 * 1.96 * se)
