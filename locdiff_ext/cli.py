@@ -183,6 +183,10 @@ def _train(args) -> int:
     trainer = Trainer(model, data, args.out, train_config, val, progress=not args.no_progress, device=args.device)
     trainer.fit(resume=not args.no_resume, overwrite=args.overwrite)
     if trainer.rank == 0:
+        if val is not None:  # LocDiff-R: its prior weight and hybrid radius, chosen on the validation data
+            from .selection import tune_and_save
+
+            tune_and_save(trainer.ema, val, Path(args.out) / "final", seed=train_config.seed)
         print(f"model saved to {Path(args.out) / 'final'}")
     return 0
 

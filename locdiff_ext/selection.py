@@ -163,5 +163,25 @@ def tune_inference(model: LocDiff, val_emb: Tensor, val_coords: Tensor, seed: in
     return out
 
 
-__all__ = ["accuracies", "validation_score", "choose_knn_density", "tune_inference", "PRIOR_WEIGHTS", "KNN_KS", "KNN_TEMPERATURES",
+def tune_and_save(model: LocDiff, val_data, directory, seed: int = 0, rows: int = 2000, log=print) -> Optional[Dict]:
+    """After training: a retrieval model's prior weight and hybrid radius chosen on (up to ``rows`` of) the
+    validation data ``val_data`` (an EmbeddingDataset or EmbeddingStore) and saved with it in ``directory``
+    (``save_pretrained``); None, and nothing changed, for a plain model.  The kNN density's (k, temperature)
+    are chosen too where the gallery is in memory; a store-backed gallery uses the config's prior_k and
+    retrieval_temperature.  Used by ``locdiff train --val`` and python/train.py."""
+    if model.gallery is None:
+        return None
+    part = val_data.take(torch.arange(min(len(val_data), rows)))
+    knn = None if model.gallery.index is None else {"k": model.config.prior_k,
+                                                    "temperature": model.config.retrieval_temperature}
+    got = tune_inference(model, part.embeddings, part.coords, seed=seed, knn=knn)
+    model.save_pretrained(directory)
+    radius = "off" if got["hybrid_km"] is None else f"{got['hybrid_km']:.0f} km"
+    log(f"chosen on {len(part)} validation rows: kNN density k = {got['prior_k']}, T = {got['prior_temperature']:g}; "
+        f"prior weight {got['prior_weight']:g}, hybrid {radius}"
+        + ("" if got["non_inferior"] else f" ({got['shortfall']:.1f} points short of a baseline on validation)"))
+    return got
+
+
+__all__ = ["tune_and_save", "accuracies", "validation_score", "choose_knn_density", "tune_inference", "PRIOR_WEIGHTS", "KNN_KS", "KNN_TEMPERATURES",
            "HYBRID_LOBES"]

@@ -64,10 +64,17 @@ def test_cli_store_build_index_train_eval_and_damaged_stores(tmp_path):
     assert info["rows"] == 1200 and info["dim"] == 16 and info["dtype"] == "float16"
     assert "every byte matches" in run_cli("store", "verify", tmp_path / "train.store", cwd=tmp_path).stdout
     assert "recall@8" in run_cli("store", "index", tmp_path / "train.store", "--no-progress", cwd=tmp_path).stdout
-    run_cli("train", tmp_path / "train.store", "--val", tmp_path / "val.store", "--retrieval-k", 4, "--L", 6,
-            "--widths", 32, 16, "--steps", 30, "--batch-size", 64, "--eval-every", 15, "--out", tmp_path / "run",
-            "--no-progress", cwd=tmp_path)
+    out = run_cli("train", tmp_path / "train.store", "--val", tmp_path / "val.store", "--retrieval-k", 4, "--L", 6,
+                  "--widths", 32, 16, "--steps", 30, "--batch-size", 64, "--eval-every", 15, "--out", tmp_path / "run",
+                  "--no-progress", cwd=tmp_path)
     assert json.loads((tmp_path / "run" / "final" / "gallery.json").read_text())["rows"] == 1200
+    # LocDiff-R's prior weight and hybrid radius chosen on the validation store, saved with the model
+    assert "chosen on 60 validation rows" in out.stdout
+    from locdiff_ext.selection import PRIOR_WEIGHTS
+
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    saved = saved.get("model", saved)
+    assert saved["prior_weight"] in PRIOR_WEIGHTS and isinstance(saved["hybrid"], bool)
     out = run_cli("eval", tmp_path / "val.store", "--model", tmp_path / "run", "--num-samples", 2, "--no-progress",
                   cwd=tmp_path)
     assert "| LocDiff |" in out.stdout and "| 60 |" in out.stdout
