@@ -45,7 +45,9 @@ def make_split(places, split, n_val, n_test, rng):
         parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
         wording = {"train": TEMPLATES, "val": TEMPLATES, "test": TEMPLATES}
     else:
-        parts = {"train": order, "val": order[:n_val], "test": order[n_val:n_val + n_test]}
+        # the gallery in an order of its own: where identical training texts tie (e.g. "somewhere in {state}"),
+        # a search that breaks ties by row must not favour the validation and test places by their position
+        parts = {"train": rng.permutation(len(places)), "val": order[:n_val], "test": order[n_val:n_val + n_test]}
         wording = {"train": TEMPLATES, "val": HELDOUT_TEMPLATES, "test": HELDOUT_TEMPLATES}
     out = {}
     for name, ids in parts.items():

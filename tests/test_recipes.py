@@ -35,7 +35,7 @@ def test_recipes_dry_run(tiny_clip, image_set, tmp_path):
     out = _run("evaluate.py", "--model", tmp_path / "run" / "final", "--data", tmp_path / "train.safetensors",
                "--gallery", tmp_path / "train.safetensors", "--num-samples", 2, "--steps", 3, "--json", report,
                cwd=tmp_path)
-    assert "| LocDiff (ours) |" in out and "LocDiff-H (paper)" in out
+    assert "| LocDiff (ours) |" in out and "LocDiff-H (paper)" in out and "| kNN density (k=16, T=0.03) |" in out
     res = json.loads(report.read_text())["results"]
     assert res["kNN retrieval (ours)"]["acc_1km"] == 100.0  # the gallery contains the queries
     # the MP16-sized path: the same cache streamed into a store, LocDiff-R trained from it memory-mapped
