@@ -8,7 +8,7 @@ README's Layout section shows the folders and which may import which.
 """
 
 from .data.checkpoint import CheckpointError
-from .inference import Geolocation, geolocate
+from .inference import Geolocation, UncalibratedWarning, geolocate
 from .kernels import (
     EARTH_RADIUS_KM,
     MAX_DEGREE,
@@ -30,6 +30,7 @@ __all__ = [
     "LocDiff",
     "LocDiffConfig",
     "Geolocation",
+    "UncalibratedWarning",
     "CheckpointError",
     "MAX_DEGREE",
     "EARTH_RADIUS_KM",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -16,10 +17,18 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .evaluation.calibration import credible_area_km2, region_contains
+from .checks import check_float
+from .evaluation.calibration import cell_of
+from .evaluation.conformal import ConformalCalibration, region_areas_km2, region_masks
+from .kernels.geometry import great_circle_km, grid_latlon
 from .locdiff import LocDiff
 
 PathLike = Union[str, os.PathLike]
+
+
+class UncalibratedWarning(UserWarning):
+    """A credible region or radius was asked of a prediction that no conformal calibration covers: the
+    number is the raw map's, whose coverage is not promised (``Geolocation.uncalibrated_reason`` says why)."""
 
 
 @dataclass
@@ -27,28 +36,90 @@ class Geolocation:
     """The prediction for one input: the best mode and all top-k modes, optionally the map.
 
     ``prob_map`` [nlat, nlon] is the probability of each cell of ``grid_latlon(nlat, nlon)``
-    (rows north to south, columns west to east from -180), summing to 1."""
+    (rows north to south, columns west to east from -180), summing to 1.  ``signals`` say how
+    localizable the input is (``LocDiff.predict_details``); ``calibration`` is the model's conformal
+    calibration when it covers this prediction, else None and ``uncalibrated_reason`` says why.
+
+    Regions and radii (``calibrated``: None uses the calibration when there is one, else the raw map with an
+    ``UncalibratedWarning``; True requires it (ValueError otherwise); False asks for the raw map's own)."""
 
     lat: float
     lon: float
     score: float
     modes: List[Tuple[float, float, float]] = field(default_factory=list)  # (lat, lon, score), best first
     prob_map: Optional[np.ndarray] = None
+    signals: Dict[str, float] = field(default_factory=dict)
+    calibration: Optional[ConformalCalibration] = field(default=None, repr=False)
+    uncalibrated_reason: Optional[str] = "no calibration"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether regions and radii carry the conformal promise (a p region holds the truth with probability p)."""
+        return self.calibration is not None
 
     def _map(self) -> np.ndarray:
         if self.prob_map is None:
             raise ValueError("this Geolocation has no probability map: call geolocate(..., return_map=True)")
         return self.prob_map
 
-    def credible_area_km2(self, p: float = 0.9) -> float:
-        """Area (km^2) of the smallest region of highest probability density that holds probability ``p``:
-        how far to trust the answer (the whole Earth is 5.1e8 km^2).  Needs ``return_map=True``; its
-        resolution is that of the map (``map_size``)."""
-        return credible_area_km2(self._map(), p)
+    def _use_calibration(self, calibrated: Optional[bool]) -> bool:
+        if calibrated not in (None, True, False):
+            raise TypeError(f"calibrated must be None, True or False, got {calibrated!r}")
+        if calibrated is False:
+            return False
+        if self.calibration is None:
+            why = self.uncalibrated_reason or "no calibration"
+            if calibrated:
+                raise ValueError(f"calibrated=True: this prediction is uncalibrated ({why})")
+            warnings.warn(f"uncalibrated region/radius, from the raw map ({why}): its coverage is not promised; "
+                          "pass calibrated=False to ask for the raw map's on purpose", UncalibratedWarning,
+                          stacklevel=4)
+            return False
+        return True
 
-    def contains(self, lat: float, lon: float, p: float = 0.9) -> bool:
-        """Whether (lat, lon) lies in the ``p`` credible region (see ``credible_area_km2``)."""
-        return region_contains(self._map(), lat, lon, p)
+    def _group(self) -> int:
+        cal = self.calibration
+        return int(cal.groups([self.signals.get(cal.signal, 0.0)])[0])
+
+    def _threshold(self, p: float, calibrated: Optional[bool]) -> float:
+        """The region's cut: the calibrated threshold, or p (the raw map's own region)."""
+        m = self._map()
+        p = check_float(p, "p", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self._use_calibration(calibrated):
+            self.calibration.check_map_size(m.shape)
+            return float(self.calibration.region_threshold(p, [self._group()])[0])
+        return p - 2e-12
+
+    def credible_region(self, p: float = 0.9, calibrated: Optional[bool] = None) -> np.ndarray:
+        """Boolean mask [nlat, nlon] of the region of highest probability density that holds the truth with
+        probability ``p`` (conformally calibrated; see the class docstring).  Needs ``return_map=True``."""
+        t = self._threshold(p, calibrated)
+        return region_masks(self._map()[None], [t], [[self.lat, self.lon]])[0]
+
+    def credible_area_km2(self, p: float = 0.9, calibrated: Optional[bool] = None) -> float:
+        """Area (km^2) of ``credible_region(p)``: how far to trust the answer (the Earth is 5.1e8 km^2);
+        its resolution is that of the map (``map_size``)."""
+        t = self._threshold(p, calibrated)
+        return float(region_areas_km2(self._map()[None], [t], [[self.lat, self.lon]])[0])
+
+    def contains(self, lat: float, lon: float, p: float = 0.9, calibrated: Optional[bool] = None) -> bool:
+        """Whether (lat, lon) lies in ``credible_region(p)``."""
+        cell = cell_of(lat, lon, *self._map().shape)  # the arguments first: a bad one fails before any warning
+        return bool(self.credible_region(p, calibrated)[cell])
+
+    def radius_km(self, p: float = 0.9, calibrated: Optional[bool] = None) -> float:
+        """The great-circle radius (km) around the answer (lat, lon) that holds the truth with probability
+        ``p``: "within 180 km, 90%".  Calibrated: needs no map; raw: the radius holding p of the map."""
+        p = check_float(p, "p", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self._use_calibration(calibrated):
+            return float(self.calibration.radius_km(p, [self._group()])[0])
+        m = self._map()
+        lat, lon = grid_latlon(*m.shape, device="cpu")
+        cells = torch.stack(torch.meshgrid(lat.double(), lon.double(), indexing="ij"), -1).reshape(-1, 2)
+        d = great_circle_km(torch.tensor([[self.lat, self.lon]], dtype=torch.float64), cells).numpy()
+        order = np.argsort(d, kind="stable")
+        cum = np.cumsum((m / m.sum()).ravel()[order])
+        return float(d[order][min(int(np.searchsorted(cum, p - 1e-12)), d.size - 1)])
 
     def __repr__(self) -> str:
         extra = f", +{len(self.modes) - 1} more modes" if len(self.modes) > 1 else ""
@@ -96,16 +167,23 @@ def geolocate(inputs, model: Union[LocDiff, PathLike, None] = None, top_k: int =
     share of the kNN density in the answer) default to the values saved with the model, chosen on
     validation data (``LocDiff.predict``)."""
     m = _resolve_model(model, device)
-    coords, scores, maps = m.predict(inputs, top_k=top_k, num_samples=num_samples, steps=steps,
-                                     guidance_scale=guidance_scale, aggregate=aggregate, return_map=return_map,
-                                     map_size=map_size, batch_size=batch_size, seed=seed, progress=progress,
-                                     hybrid=hybrid, prior_weight=prior_weight)
+    out = m.predict_details(inputs, top_k=top_k, num_samples=num_samples, steps=steps, guidance_scale=guidance_scale,
+                            aggregate=aggregate, return_map=return_map, map_size=map_size, batch_size=batch_size,
+                            seed=seed, progress=progress, hybrid=hybrid, prior_weight=prior_weight)
+    cal = m.calibration
+    why = ("the model has no conformal calibration (`locdiff calibrate`)" if cal is None
+           else cal.mismatch(out.settings))
+    cal = cal if why is None else None
     results = []
-    for i in range(coords.shape[0]):
-        modes = [(float(c[0]), float(c[1]), float(s)) for c, s in zip(coords[i], scores[i]) if not math.isnan(float(c[0]))]
+    for i in range(out.coords.shape[0]):
+        modes = [(float(c[0]), float(c[1]), float(s)) for c, s in zip(out.coords[i], out.scores[i])
+                 if not math.isnan(float(c[0]))]
         best = modes[0] if modes else (float("nan"), float("nan"), float("-inf"))
-        results.append(Geolocation(*best, modes=modes, prob_map=maps[i].numpy() if maps is not None else None))
+        signals = {k: float(v[i]) for k, v in out.signals.items()}
+        results.append(Geolocation(*best, modes=modes, prob_map=out.maps[i].numpy() if out.maps is not None else None,
+                                   signals=signals, calibration=cal if modes else None,
+                                   uncalibrated_reason=why if modes else "no mode found"))
     return results
 
 
-__all__ = ["geolocate", "Geolocation", "default_model_dir"]
+__all__ = ["geolocate", "Geolocation", "UncalibratedWarning", "default_model_dir"]

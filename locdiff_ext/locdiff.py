@@ -25,6 +25,7 @@ from .data.checkpoint import CheckpointError, read_checkpoint, read_shared, writ
 from .data.index import GalleryIndex
 from .data.store import EmbeddingStore, StoreError
 from .encoders import STORED_ENCODERS, ImageEncoder, build_image_encoder
+from .evaluation.conformal import ConformalCalibration
 from .kernels.geometry import unit_rows
 from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
@@ -144,6 +145,21 @@ class LocDiffConfig:
         return cls(**d)
 
 
+@dataclass
+class Prediction:
+    """What ``LocDiff.predict_details`` returns: coords [N, top_k, 2], scores [N, top_k], maps
+    [N, nlat, nlon] or None; per input the query-time ``signals`` {name: [N]} ('mode_score': the best
+    mode's score; 'top_similarity': a retrieval model's most similar gallery entry) and the effective
+    inference ``settings`` (what a conformal calibration holds for), and the ``map_size`` asked for."""
+
+    coords: Tensor
+    scores: Tensor
+    maps: Optional[Tensor]
+    signals: Dict[str, Tensor]
+    settings: Dict[str, Any]
+    map_size: Tuple[int, int]
+
+
 def input_seeds(rows: Tensor, seed: int) -> list:
     """One 63-bit seed per input, from ``seed`` and the SHA-256 of the input's own values (the float32
     bytes of its embedding or preprocessed pixels): an input's samples, hence its answer, do not depend on
@@ -197,6 +213,8 @@ class LocDiff(nn.Module):
             config.image_encoder = image_encoder.config
         self.image_encoder = image_encoder
         self.aggregator = SampleAggregator(self.shdd, self.decoder, self.kl.smoothing)
+        # conformal regions and radii fitted on validation data (locdiff_ext.calibrate); None: uncalibrated
+        self.calibration: Optional[ConformalCalibration] = None
 
     @staticmethod
     def net_config(config: LocDiffConfig) -> CSUNetConfig:
@@ -431,7 +449,20 @@ class LocDiff(nn.Module):
         Retrieval models only (defaults from the config, chosen on validation by
         ``locdiff_ext.selection.tune_inference``): ``prior_weight`` w mixes the samples' mean with
         the inputs' kNN density, (1 - w) LocDiff + w prior (w = 1 is the kNN density itself, and sampling is
-        skipped); ``hybrid`` (LocDiff-H) moves each mode to the most similar neighbour within ``hybrid_km``."""
+        skipped); ``hybrid`` (LocDiff-H) moves each mode to the most similar neighbour within ``hybrid_km``.
+        ``predict_details`` returns the same with the query-time signals and the settings used."""
+        out = self.predict_details(inputs, top_k, num_samples, steps, guidance_scale, aggregate, return_map, map_size,
+                                   batch_size, seed, progress, hybrid, prior_weight)
+        return out.coords, out.scores, out.maps
+
+    @torch.no_grad()
+    def predict_details(self, inputs, top_k: int = 1, num_samples: Optional[int] = None, steps: Optional[int] = None,
+                        guidance_scale: Optional[float] = None, aggregate: Optional[str] = None,
+                        return_map: bool = False, map_size: Tuple[int, int] = (180, 360), batch_size: int = 64,
+                        seed: int = 0, progress: bool = False, hybrid: Optional[bool] = None,
+                        prior_weight: Optional[float] = None) -> "Prediction":
+        """``predict`` (same arguments), returning a ``Prediction``: also the signals of how localizable
+        each input is that the conformal calibration groups by, and the effective inference settings."""
         (nlat, _), (nlon, _) = decode_grid_limits(self.config.L)
         check_int(top_k, "top_k", 1, nlat * nlon)  # more modes than decoder grid cells cannot exist
         S = check_int(self.config.num_samples if num_samples is None else num_samples, "num_samples", 1, 65_536)
@@ -461,7 +492,7 @@ class LocDiff(nn.Module):
                    + (cond.shape[0] * map_size[0] * map_size[1] * 8 if return_map else 0),
                    cond.device, "num_samples/batch_size/map_size")
         seeds = input_seeds(raw[0], seed)
-        out_c, out_s, out_m = [], [], []
+        out_c, out_s, out_m, out_sim = [], [], [], []
         with Progress(cond.shape[0], "predict", "input", enabled=progress) as bar:
             for i in range(0, cond.shape[0], batch_size):
                 gens = [torch.Generator().manual_seed(v) for v in seeds[i:i + batch_size]]
@@ -476,12 +507,22 @@ class LocDiff(nn.Module):
                 if hyb:
                     c = snap_to_neighbours(c, found[0], found[1], self.hybrid_km)
                 out_c.append(c.cpu())
+                if found is not None:
+                    out_sim.append(found[0][:, 0].double().cpu())
                 out_s.append(s.cpu())
                 if return_map:
                     out_m.append(self.probability_map(samples, *map_size).cpu())
                 bar.update(samples.shape[0])
         maps = torch.cat(out_m) if return_map else None
-        return torch.cat(out_c), torch.cat(out_s), maps
+        coords, scores = torch.cat(out_c), torch.cat(out_s)
+        signals = {"mode_score": scores[:, 0].double().nan_to_num(neginf=0.0)}
+        if out_sim:
+            signals["top_similarity"] = torch.cat(out_sim)
+        guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        settings = {"prior_weight": float(w), "hybrid": hyb, "num_samples": S,
+                    "steps": self.config.sample_steps if steps is None else steps, "guidance_scale": guidance,
+                    "aggregate": agg, "map_sharpness": self.config.map_sharpness}
+        return Prediction(coords, scores, maps, signals, settings, tuple(map_size))
 
     def _neighbours(self, cond: Tensor, prior_weight: float, hybrid: bool) -> Optional[Tuple[Tensor, Tensor]]:
         """One gallery search per batch for all that inference needs: the network's k neighbours, the
@@ -564,10 +605,12 @@ class LocDiff(nn.Module):
             raise CheckpointError(f"{source} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def save_pretrained(self, directory: PathLike, copy_gallery: bool = False) -> Path:
-        """Writes config.json + model.safetensors (+ manifest) atomically.  A store-backed gallery is
-        referenced by path and content hash (gallery.json), not copied; ``copy_gallery=True`` copies the
+        """Writes config.json + model.safetensors (+ calibration.json when calibrated, + manifest)
+        atomically.  A store-backed gallery is referenced by path and content hash (gallery.json), not copied; ``copy_gallery=True`` copies the
         store (and its index) into ``directory/gallery/`` instead, for a model to share whole."""
         docs: Dict[str, Any] = {"config": self.config.to_dict()}
+        if self.calibration is not None:
+            docs["calibration"] = self.calibration.to_dict()
         ref = self.gallery_store_ref()
         if ref is not None:
             docs["gallery"] = dict(ref, path="gallery") if copy_gallery else ref
@@ -604,6 +647,12 @@ class LocDiff(nn.Module):
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{str(directory)!r}: config.json is invalid: {exc}") from None
         store_ref = docs.get("gallery")
+        calibration = None
+        if "calibration" in docs:  # models saved before issue 25 have none: they load uncalibrated
+            try:
+                calibration = ConformalCalibration.from_dict(docs["calibration"])
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"{str(directory)!r}: calibration.json is invalid: {exc}") from None
         cls.check_weights_match(config, tensors["model"], f"{str(directory)!r}: the weights",
                                 gallery_in_state=store_ref is None)
         index = cls.open_gallery_store(directory, store_ref) if store_ref is not None else None
@@ -620,7 +669,8 @@ class LocDiff(nn.Module):
             model.load_persistent_state_dict(tensors["model"], f"{str(directory)!r}: the weights")
         except RuntimeError as exc:
             raise CheckpointError(f"{str(directory)!r}: weights do not match config.json: {exc}") from None
+        model.calibration = calibration
         return model.to(map_location).eval()
 
 
-__all__ = ["LocDiff", "LocDiffConfig"]
+__all__ = ["LocDiff", "LocDiffConfig", "Prediction"]

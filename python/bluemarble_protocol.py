@@ -100,10 +100,14 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
             out.append("")
         chosen = [r["validation"]["knn_density_chosen"] for r in reports]
         out += ["Chosen on validation, per seed: kNN density " + "; ".join(f"k={c['k']}, T={c['temperature']:g}" for c in chosen)]
-        if all("map_sharpness" in r["validation"] for r in reports):
+        if all("map_sharpness" in r["validation"] for r in reports):  # reports before 2026-12-06
             out[-1] += "; map temperatures s " + "; ".join(
                 ", ".join(f"{_generic(m).split(' (')[0]} {v:g}" for m, v in r["validation"]["map_sharpness"].items())
                 for r in reports)
+        if all("calibration" in r["validation"] for r in reports):  # conformal regions: the groups' signal
+            out[-1] += "; conformal groups by " + "; ".join(
+                ", ".join(f"{_generic(m).split(' (')[0]} {c['signal']} {tuple(c['sizes'])}"
+                          for m, c in r["validation"]["calibration"].items()) for r in reports)
         out.append("")
     return "\n".join(out)
 

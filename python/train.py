@@ -13,6 +13,7 @@ import torch
 
 from locdiff_ext import LocDiff, LocDiffConfig
 from locdiff_ext.data import open_dataset
+from locdiff_ext.calibrate import calibrate_and_save
 from locdiff_ext.selection import tune_and_save
 from locdiff_ext.train import Trainer, TrainConfig
 
@@ -46,8 +47,9 @@ def main(argv=None):
     trainer = Trainer(model, train, args.out, cfg, val_data=val)
     trainer.fit(overwrite=args.overwrite)
     if trainer.rank == 0:
-        if val is not None:  # LocDiff-R: its prior weight and hybrid radius, chosen on the validation data
+        if val is not None:  # LocDiff-R: its prior weight and hybrid radius; every model: its regions and radii
             tune_and_save(trainer.ema, val, f"{args.out}/final", seed=args.seed)
+            calibrate_and_save(trainer.ema, val, f"{args.out}/final", seed=args.seed)
         print(f"model saved to {args.out}/final")
 
 

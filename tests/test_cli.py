@@ -34,6 +34,8 @@ def test_cli_train_eval_predict(tmp_path):
     out = run_cli("predict", tmp_path / "q.npy", "--model", tmp_path / "run", "--top-k", 2, "--json", cwd=tmp_path)
     records = json.loads(out.stdout)
     assert len(records) == 3 and all(1 <= len(r["modes"]) <= 2 for r in records)
+    # train --val calibrated the model's regions and radii on the validation rows: predict shows the radius
+    assert all(r["calibrated"] and 0 < r["radius_km"]["0.5"] <= r["radius_km"]["0.9"] for r in records)
     for r, c in zip(records, cls[:3]):
         m = r["modes"][0]
         assert great_circle_km(torch.tensor([m["lat"], m["lon"]]), REGION_CENTRES[c]).item() < 2500
@@ -47,7 +49,7 @@ def test_cli_train_eval_predict(tmp_path):
     assert bad.returncode == 2 and "--overwrite" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("train", tmp_path / "train.npz", "--out", tmp_path / "eval.json", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "is a file" in bad.stderr and "Traceback" not in bad.stderr
-    for cmd in ("train", "eval", "predict", "store", "bench"):
+    for cmd in ("train", "eval", "predict", "calibrate", "store", "bench"):
         assert run_cli(cmd, "--help", cwd=tmp_path).stdout.startswith("usage: locdiff " + cmd)
 
 

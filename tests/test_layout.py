@@ -27,7 +27,7 @@ LAYERS = {
     "data": 2,
     "encoders": 3, "model": 3, "evaluation": 3,
     "locdiff": 4,
-    "inference": 5, "train": 5, "selection": 5,
+    "inference": 5, "train": 5, "selection": 5, "calibrate": 5,
     "datasets": 6,
     "cli": 7,
     "__main__": 8, "__init__": 8,  # the package root re-exports the public API: nothing inside imports it

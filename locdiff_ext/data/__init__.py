@@ -5,12 +5,12 @@ checkpoint directories of safetensors + JSON, written atomically and verified on
 
 from ..checks import validate_coords, validate_embeddings
 from .checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, read_checkpoint,
-                         remove_stale_temporaries, write_checkpoint)
+                         remove_stale_temporaries, update_documents, write_checkpoint)
 from .datasets import TAR_SEPARATOR, EmbeddingDataset, load_dataset, read_embeddings, read_image_csv
 from .store import EmbeddingStore, StoreError, build_store, open_dataset, write_store
 
 __all__ = ["EmbeddingDataset", "EmbeddingStore", "StoreError", "build_store", "write_store", "open_dataset",
            "load_dataset", "read_embeddings", "read_image_csv", "validate_coords", "validate_embeddings",
            "CheckpointError", "read_checkpoint", "write_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "checkpoint_step", "remove_stale_temporaries",
+           "checkpoint_step", "remove_stale_temporaries", "update_documents",
            "TAR_SEPARATOR"]

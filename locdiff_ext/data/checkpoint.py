@@ -64,30 +64,74 @@ def write_checkpoint(
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
         for name, doc in documents.items():
             (tmp / f"{name}.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
-        for path in sorted(tmp.iterdir()):
-            files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=2))
-        mask = _umask()  # mkdtemp and safetensors make private (0700 / 0600) entries: give them the usual modes
-        os.chmod(tmp, 0o777 & ~mask)
-        for path in tmp.iterdir():  # flush file contents before the rename makes them visible
-            os.chmod(path, 0o666 & ~mask)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if directory.exists():
-            if not overwrite:
-                raise FileExistsError(f"{directory} already exists")
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "x")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _seal(tmp, files)
+        _publish(tmp, directory, overwrite)
     except SafetensorError as exc:  # e.g. a full disk while writing tensors: an I/O error like any other
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"cannot write checkpoint {str(directory)!r}: {exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return directory
+
+
+def _seal(tmp: Path, known: Dict[str, dict]) -> None:
+    """Writes the manifest of ``tmp`` (entries of ``known`` are trusted, the other files hashed) and gives
+    its entries the usual modes, flushed to disk."""
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.name] = known.get(path.name) or {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=2))
+    mask = _umask()  # mkdtemp and safetensors make private (0700 / 0600) entries: give them the usual modes
+    os.chmod(tmp, 0o777 & ~mask)
+    for path in tmp.iterdir():  # flush file contents before the rename makes them visible
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, directory: Path, overwrite: bool = True) -> None:
+    """Renames the finished ``tmp`` into place (an old ``directory`` is swapped out, then removed)."""
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already exists")
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        os.replace(directory, old / "x")
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def update_documents(directory: PathLike, documents: Mapping[str, object]) -> Path:
+    """Adds or replaces ``{name}.json`` documents of an existing checkpoint, atomically: the checkpoint is
+    verified, hard-linked (copied where links fail) into a temporary sibling with everything else it holds
+    (e.g. a copied gallery), the documents written, the manifest re-sealed, and the result renamed into
+    place.  Used to save a calibration into a model directory without rewriting its weights."""
+    directory = Path(directory)
+    files = _verified_manifest(directory)
+    root = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        tmp = root / "x"
+        shutil.copytree(directory, tmp, copy_function=link)
+        for name, doc in documents.items():
+            path = tmp / f"{name}.json"
+            path.unlink(missing_ok=True)  # a hard link: writing through it would change the original
+            path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+            files.pop(path.name, None)
+        (tmp / MANIFEST).unlink()
+        _seal(tmp, files)
+        _publish(tmp, directory)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return directory
 
 

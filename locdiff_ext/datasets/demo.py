@@ -45,8 +45,10 @@ import torch.nn.functional as F
 
 from ..data import EmbeddingDataset
 from ..encoders import ImageEncoder, SmallCNNEncoder
-from ..evaluation import (calibration_table, compare_methods, coverage, fit_baselines, fit_sharpness,
-                          geolocation_metrics, markdown_table, paired_table, reliability_levels, sharpen)
+from ..calibrate import run_with_maps
+from ..evaluation.conformal import conformal_coverage, coverage_table, fit_conformal
+from ..evaluation import (compare_methods, fit_baselines, geolocation_metrics, markdown_table, paired_table,
+                          reliability_levels)
 from ..inference import default_model_dir
 from ..selection import tune_inference
 from ..kernels.geometry import fibonacci_cells, latlon_to_xyz, unit_rows
@@ -232,6 +234,35 @@ def _textured_examples(images: np.ndarray, idx: np.ndarray, n: int, min_std: flo
     return pool[:: max(1, len(pool) // n)][:n]
 
 
+MAP_SIZE = (180, 360)  # geolocate's default: the saved model's regions are calibrated at the size users get
+
+
+def names_of(results: Dict[str, Dict[str, dict]]) -> list:
+    """The method names of a split's table (the same in every split)."""
+    return list(next(iter(results.values())))
+
+
+def _locdiff_run(locdiff: LocDiff, emb: Optional[torch.Tensor], seed: int, details=None) -> dict:
+    """LocDiff's answers, maps, signals and settings for ``emb`` (or of a ``predict_details`` result)."""
+    if details is None:
+        return _as_numpy(run_with_maps(locdiff, emb, MAP_SIZE, seed=seed))
+    return _as_numpy({"answers": details.coords[:, 0], "maps": details.maps, "signals": details.signals,
+                      "settings": details.settings})
+
+
+def _as_numpy(run: dict) -> dict:
+    return {"answers": run["answers"].numpy(), "maps": run["maps"].numpy(), "settings": run["settings"],
+            "signals": {k: v.numpy() for k, v in run["signals"].items()}}
+
+
+@torch.no_grad()
+def _knn_run(knn: KNNDensity, emb: torch.Tensor) -> dict:
+    """The kNN density's answers, maps and signal (its most similar gallery entry), as ``_locdiff_run``."""
+    sims, _ = knn.gallery.search(unit_rows(emb.float()), 1)
+    return {"answers": knn.predict(emb).numpy(), "maps": knn.prob_map(emb, *MAP_SIZE).numpy(), "settings": {},
+            "signals": {"top_similarity": sims[:, 0].double().numpy()}}
+
+
 def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None, progress: bool = True,
              log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Runs the whole demo (module docstring) and returns {split: {method: metrics}}."""
@@ -283,12 +314,13 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     paired: Dict[str, dict] = {}
     examples = {}
-    test_maps = {}
+    test_runs = {}
     for split, n in [("test_region", cfg.eval_region), ("test_random", cfg.eval_random)]:
         idx = _eval_subset(data.splits[split], n, cfg.seed)
         log(f"      {split}: {len(idx)} crops")
-        modes, _, test_maps[split] = locdiff.predict(emb[idx], seed=cfg.seed, return_map=True, map_size=(90, 180),
-                                                     progress=progress)  # one pass: answers and maps
+        test_runs[split] = locdiff.predict_details(emb[idx], seed=cfg.seed, return_map=True, map_size=MAP_SIZE,
+                                                   progress=progress)  # one pass: answers, maps and signals
+        modes = test_runs[split].coords
         variants = {}
         if anchored is not None:  # the maps are the anchored model's (what geolocate returns); the first row as trained
             variants[anchored] = modes[:, 0]
@@ -296,27 +328,32 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
         results[split], paired[split] = compare_methods(locdiff, baselines, emb[tr], coords[tr], emb[idx], coords[idx],
                                                         cfg.seed, paired=True, modes=modes, variants=variants)
         examples[split] = idx
-    # How far to trust an answer: the 50% / 90% credible regions of the methods with a density (LocDiff's
-    # probability maps, the kNN density, the grid classifier's softmax), each temperature-scaled with the
-    # exponent that calibrates it on the validation crops (calibration.fit_sharpness), and a reliability plot.
-    names = list(results["test_region"])
-    density_methods = {anchored or names[0]: lambda e: locdiff.predict(e, seed=cfg.seed, return_map=True, map_size=(90, 180))[2],
-                       next(n for n in names if n.startswith("kNN density")):
-                           lambda e: baselines["knn_density"].prob_map(e, 90, 180),
-                       "grid classification (1024 cells)": lambda e: baselines["grid"].prob_map(unit_rows(e.float()), 90, 180)}
-    sharpness = {m: fit_sharpness(f(emb[val_all]), coords[val_all]) for m, f in density_methods.items()}
-    log("      calibrated on validation: " + ", ".join(f"{m.split(' (')[0]} s={v:g}" for m, v in sharpness.items()))
-    levels, calibration, curves = reliability_levels(), {}, {}
+    # How far to trust an answer (issue 25): conformal credible regions and radii, fitted on the validation
+    # crops (never the test crops) per group of a signal known at query time, for LocDiff and for the kNN
+    # density alike; coverage with binomial intervals per test split, raw and calibrated, and a reliability plot.
+    locdiff_name = anchored or names_of(results)[0]
+    knn_name = next(n for n in names_of(results) if n.startswith("kNN density"))
+    runs = {locdiff_name: lambda e: _locdiff_run(locdiff, e, cfg.seed),
+            knn_name: lambda e: _knn_run(baselines["knn_density"], e)}
+    fitted, calibration, curves, levels = {}, {}, {}, reliability_levels()
+    for method, run in runs.items():
+        v = run(emb[val_all])
+        fitted[method] = fit_conformal(v["maps"], coords[val_all].numpy(), v["answers"], v["signals"], v["settings"],
+                                       seed=cfg.seed)
+        log(f"      {method.split(' (')[0]}: {fitted[method][0].describe()}, fitted on the validation crops")
+    locdiff.calibration = fitted[locdiff_name][0]  # the saved model's regions and radii are these
     for split, short in [("test_region", "unseen"), ("test_random", "seen")]:
         idx = examples[split]
-        for method, f in density_methods.items():
-            raw = test_maps[split] if method == (anchored or names[0]) else f(emb[idx])
-            for label, m in [(f"{method}, raw", raw), (f"{method}, calibrated (s={sharpness[method]:g})",
-                                                        sharpen(raw, sharpness[method]))]:
-                cov = coverage(m, coords[idx], levels)
-                calibration.setdefault(split, {})[label] = {p: cov[p] for p in (0.5, 0.9)}
-            curves[f"{method.split(' (')[0]}, {short}"] = (levels, [cov[p]["coverage"] for p in levels])
-    locdiff.config.map_sharpness = sharpness[anchored or names[0]]  # the saved model's maps are the calibrated ones
+        truth = coords[idx].numpy()
+        for method, run in runs.items():
+            got = _locdiff_run(locdiff, None, cfg.seed, test_runs[split]) if method == locdiff_name else run(emb[idx])
+            cal = fitted[method][0]
+            sig = got["signals"].get(cal.signal)
+            for label, c in [("raw", None), ("conformal", cal)]:
+                cov = conformal_coverage(c, got["maps"], truth, got["answers"], sig, levels)
+                calibration.setdefault(split, {})[f"{method}, {label}"] = {p: cov[p] for p in (0.5, 0.9)}
+                curves[f"{method.split(' (')[0]}, {label}, {short}"] = (
+                    levels, [cov[p]["coverage"] for p in levels], [(cov[p]["lo"], cov[p]["hi"]) for p in levels])
     from .mapplot import write_reliability_plot
 
     reliability_path = write_reliability_plot(run_dir / "reliability.png", curves)
@@ -346,9 +383,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                "Differences in % within 1 / 25 / 200 / 750 / 2500 km, LocDiff rows minus each baseline on the same crops "
                "(95% paired bootstrap interval; an interval that contains 0 is a tie):", "",
                paired_table(paired[split]), "",
-               "Calibration: share of true locations inside each method's 50% / 90% highest-density credible "
-               "region, and the regions' median area; raw, and temperature-scaled with the exponent s fitted on "
-               "the validation crops:", "", calibration_table(calibration[split]), ""]
+               "Credible regions: share of true locations inside each method's 50% / 90% region [95% binomial "
+               "interval], the regions' median area, and the conformal radius around the answer (median, and the "
+               "share of truths within it); raw maps, and conformal (fitted on the validation crops):", "",
+               coverage_table(calibration[split]), ""]
     (run_dir / "results.md").write_text("\n".join(md))
     (run_dir / "results.json").write_text(json.dumps({"results": results, "paired_differences": paired,
                                                        "calibration": {k: {m: {str(p): c for p, c in v.items()}
@@ -356,7 +394,10 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                                                                        for k, rows in calibration.items()},
                                                        "validation": {"knn_density_scores": knn_scores,
                                                                       "knn_density_chosen": knn_choice,
-                                                                      "map_sharpness": sharpness,
+                                                                      "calibration": {
+                                                                          m: {"signal": c.signal, "sizes": c.sizes,
+                                                                              "candidates": r["candidates"]}
+                                                                          for m, (c, r) in fitted.items()},
                                                                       "anchored": choice,
                                                                       "sizes": {k: len(v) for k, v in val.items()}},
                                                        "config": asdict(cfg), "sizes": sizes, "timings": timings}, indent=1))

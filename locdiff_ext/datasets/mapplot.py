@@ -77,7 +77,12 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
     from ..kernels.geometry import great_circle_km
 
     images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 255.0
-    coords, scores, maps = model.predict(images, top_k=3, return_map=True, map_size=(PANEL_H // 2, PANEL_W // 2), seed=seed)
+    out = model.predict_details(images, top_k=3, return_map=True, map_size=(PANEL_H // 2, PANEL_W // 2), seed=seed)
+    coords, scores, maps = out.coords, out.scores, out.maps
+    cal = model.calibration if model.calibration is not None and model.calibration.mismatch(out.settings) is None else None
+    radius = None  # the conformal 90% radius around each answer, when the model is calibrated
+    if cal is not None:
+        radius = cal.radius_km(0.9, cal.groups(out.signals.get(cal.signal, torch.zeros(len(coords))).numpy()))
     bg = _background(PANEL_W, PANEL_H)
     rows = (len(crops) + columns - 1) // columns
     caption_h = 22
@@ -109,7 +114,8 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
         canvas.paste(img, (ox, oy + caption_h))
         err = great_circle_km(coords[k, 0], torch.tensor(truths[k])).item()
         text = (f"true ({truths[k][0]:.1f}, {truths[k][1]:.1f})  top-1 ({coords[k, 0, 0]:.1f}, {coords[k, 0, 1]:.1f})"
-                f"  error {err:.0f} km  score {scores[k, 0]:.2f}")
+                f"  error {err:.0f} km  " + (f"90%: within {radius[k]:.0f} km" if radius is not None
+                                             else f"score {scores[k, 0]:.2f}"))
         ImageDraw.Draw(canvas).text((ox + 6, oy + 3), text, fill=(0, 0, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +125,9 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
 
 
 def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibration of the credible regions") -> Path:
-    """A reliability plot PNG: for each named curve {name: (levels, coverages)}, the share of true locations
-    inside the p credible region against p; a calibrated method lies on the diagonal."""
+    """A reliability plot PNG: for each named curve {name: (levels, coverages[, (lo, hi) per level])}, the share
+    of true locations inside the p credible region against p, with its interval as a band where given; a
+    calibrated method lies on the diagonal."""
     from PIL import Image, ImageDraw, ImageFont
 
     side, pad = 400, 60
@@ -147,9 +154,18 @@ def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibr
     d.text((pad, 15), title, fill=(0, 0, 0), font=font)
     d.text((pad + side / 2 - 60, pad + side + 28), "nominal level p", fill=(0, 0, 0), font=font)
     d.text((5, pad - 30), "share of true locations inside the p region", fill=(0, 0, 0), font=font)
-    colours = [(214, 39, 40), (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75)]
-    for i, (name, (levels, cov)) in enumerate(curves.items()):
+    colours = [(214, 39, 40), (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (23, 190, 207)]
+    for i, (name, curve) in enumerate(curves.items()):
+        levels, cov = curve[0], curve[1]
         col = colours[i % len(colours)]
+        if len(curve) > 2:  # the interval band, a light tint of the curve's colour drawn beneath it
+            band = [xy(p, hi) for p, (_, hi) in zip(levels, curve[2])] + [xy(p, lo) for p, (lo, _) in
+                                                                          reversed(list(zip(levels, curve[2])))]
+            overlay = Image.new("RGBA", img.size, (0, 0, 0, 0))
+            ImageDraw.Draw(overlay).polygon(band, fill=col + (50,))
+            img.paste(Image.alpha_composite(img.convert("RGBA"), overlay).convert("RGB"))
+            d = ImageDraw.Draw(img)
         pts = [xy(p, c) for p, c in zip(levels, cov)]
         d.line(pts, fill=col, width=2)
         for x, y in pts:

@@ -33,15 +33,18 @@ def test_demo_quick_end_to_end(tmp_path):
         assert len(diffs) == 12 and f"{anchored['name']} - {knn_density}" in diffs and "LocDiff-R + H - kNN retrieval (top-1)" in diffs
         assert all(lo <= d <= hi for row in diffs.values() for d, lo, hi in row.values())
     assert "95% paired bootstrap" in out.stdout and "| LocDiff-R (k=8) - kNN retrieval (top-1) |" in out.stdout
-    for split in ("test_region", "test_random"):  # credible regions of the methods with a density
+    fitted = report["validation"]["calibration"]  # conformal regions per method, fitted on the validation crops
+    assert set(fitted) == {anchored["name"], knn_density}
+    assert all(sum(c["sizes"]) == 300 and "none" in c["candidates"] for c in fitted.values())
+    for split in ("test_region", "test_random"):  # credible regions of the methods with a density, per test split
         cal = report["calibration"][split]
-        sharp = report["validation"]["map_sharpness"]  # one exponent per method, fitted on validation crops
-        assert set(sharp) == {anchored["name"], knn_density, "grid classification (1024 cells)"}
-        assert set(cal) == {f"{m}, raw" for m in sharp} | {f"{m}, calibrated (s={v:g})" for m, v in sharp.items()}
-        for levels in cal.values():
+        assert set(cal) == {f"{m}, {kind}" for m in fitted for kind in ("raw", "conformal")}
+        for name, levels in cal.items():
             assert set(levels) == {"0.5", "0.9"} and 0 <= levels["0.5"]["coverage"] <= levels["0.9"]["coverage"] <= 1
+            assert all(levels[p]["lo"] <= levels[p]["coverage"] <= levels[p]["hi"] for p in levels)
             assert 0 < levels["0.5"]["median_area_km2"] <= levels["0.9"]["median_area_km2"]
-    assert "90% region: coverage" in out.stdout and "reliability plot:" in out.stdout
+            assert ("median_radius_km" in levels["0.9"]) == name.endswith("conformal")
+    assert "90%: coverage [95% CI]" in out.stdout and "reliability plot:" in out.stdout
     with Image.open(tmp_path / "demo" / "reliability.png") as im:
         assert im.format == "PNG" and np.asarray(im.convert("RGB")).std() > 20
     with Image.open(tmp_path / "demo" / "map.png") as im:
@@ -64,7 +67,10 @@ def test_demo_quick_end_to_end(tmp_path):
     gray = tmp_path / "gray.png"
     Image.open(examples[0]).convert("L").save(gray)
     assert np.isfinite(ld.geolocate([gray], model=model)[0].lat)
-    assert model.config.map_sharpness == report["validation"]["map_sharpness"][anchored["name"]]
+    assert model.calibration is not None and model.calibration.map_size == (180, 360)  # geolocate's default maps
+    assert model.calibration.signal == fitted[anchored["name"]]["signal"]
+    assert res[0].calibrated and 0 < res[0].radius_km(0.5) <= res[0].radius_km(0.9)
+    assert all(r["calibrated"] and r["radius_km"]["0.9"] > 0 for r in records)
     assert (model.config.prior_weight, model.config.hybrid_km) == (anchored["prior_weight"], anchored["hybrid_km"])
     assert model.image_encoder is not None and model.config.image_encoder == {
         "kind": "efficientnet_lite", "variant": "lite0", "image_size": 64, "center_crop": False}
