@@ -20,6 +20,7 @@ from torch import Tensor
 from .checks import check_int, validate_coords, validate_embeddings
 from .data.checkpoint import update_documents
 from .evaluation.conformal import conformal_coverage, fit_conformal, needed_items
+from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
 
 MIN_ITEMS = 50  # below this a 90% region rests on the 46th-50th smallest scores: refused, not guessed
@@ -40,6 +41,17 @@ def run_with_maps(model: LocDiff, embeddings: Tensor, map_size: Tuple[int, int] 
         settings = out.settings
     return {"answers": torch.cat(answers), "maps": torch.cat(maps), "settings": settings,
             "signals": {k: torch.cat(v) for k, v in signals.items()}}
+
+
+@torch.no_grad()
+def knn_run_with_maps(knn, embeddings: Tensor, map_size: Tuple[int, int] = (180, 360)) -> Dict[str, Any]:
+    """The same for a ``KNNDensity`` (the training-free prior), so that it is calibrated like the model:
+    its answers, maps, and its query-time signal (the most similar gallery entry's similarity)."""
+    sims, _ = knn.gallery.search(unit_rows(embeddings.float()), 1)
+    maps = torch.cat([knn.prob_map(embeddings[i:i + 256], *map_size).float()
+                      for i in range(0, embeddings.shape[0], 256)])
+    return {"answers": knn.predict(embeddings), "maps": maps, "settings": {},
+            "signals": {"top_similarity": sims[:, 0].double()}}
 
 
 def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tuple[int, int] = (180, 360),
@@ -100,4 +112,4 @@ def summary(report: Dict[str, Any], model: LocDiff) -> str:
     return f"calibrated: {model.calibration.describe()}; on those items {levels}"
 
 
-__all__ = ["calibrate", "calibrate_and_save", "run_with_maps", "summary", "MIN_ITEMS"]
+__all__ = ["calibrate", "calibrate_and_save", "knn_run_with_maps", "run_with_maps", "summary", "MIN_ITEMS"]

@@ -97,6 +97,7 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
             out += [f"| {name} | " + " | ".join(_cell(v[k], 1 if k.startswith("cov") else 2, percent=k.startswith("cov"))
                                                 for k in ("cov0.5", "area0.5", "cov0.9", "area0.9")) + " |"
                     for name, v in cal.items()]
+            out += _per_seed_coverage(reports, split)
             out.append("")
         chosen = [r["validation"]["knn_density_chosen"] for r in reports]
         out += ["Chosen on validation, per seed: kNN density " + "; ".join(f"k={c['k']}, T={c['temperature']:g}" for c in chosen)]
@@ -110,6 +111,30 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
                           for m, c in r["validation"]["calibration"].items()) for r in reports)
         out.append("")
     return "\n".join(out)
+
+
+def _per_seed_coverage(reports: List[dict], split: str) -> List[str]:
+    """Conformal rows, seed by seed: coverage with its 95% binomial (Wilson) interval, and the conformal
+    radius's own coverage, so that each seed can be read against the goal band (reports before the
+    conformal regions have no such rows: nothing)."""
+    rows: Dict[str, List[str]] = {}
+    for r in reports:
+        for name, levels in r["calibration"][split].items():
+            if "lo" not in levels["0.5"]:
+                continue
+            cells = []
+            for p in ("0.5", "0.9"):
+                c = levels[p]
+                cell = f"{100 * c['coverage']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"
+                if "median_radius_km" in c:
+                    cell += f"; radius {c['median_radius_km']:.0f} km: {100 * c['radius_coverage']:.1f}"
+                cells.append(cell)
+            rows.setdefault(_generic(name), []).append(f"seed {r['config']['seed']}: " + " / ".join(cells))
+    if not rows:
+        return []
+    return ["", "Per seed: % of truths inside the 50% / 90% regions [95% Wilson interval] (conformal rows: "
+            "the median conformal radius and the % of truths within it):", ""] + \
+        [f"- {name}: " + "; ".join(v) for name, v in rows.items()]
 
 
 def main(argv=None) -> None:

@@ -125,8 +125,32 @@ def diagnostics(model, val_emb, val_coords, seed):
     return out
 
 
+def regions(val_run, val_coords, test_run, test_coords, seed):
+    """Conformal regions fitted on a validation run (``locdiff_ext.calibrate.run_with_maps``) and their test
+    coverage at 50 / 90%, raw and conformal: {"raw": {p: row}, "conformal": {p: row}, "fit": description}."""
+    from locdiff_ext.evaluation.conformal import conformal_coverage, fit_conformal
+
+    def arrays(run):
+        return run["maps"].numpy(), run["answers"].numpy(), {k: v.numpy() for k, v in run["signals"].items()}
+
+    v_maps, v_ans, v_sig = arrays(val_run)
+    cal, _ = fit_conformal(v_maps, val_coords.double().numpy(), v_ans, v_sig, val_run["settings"], seed=seed)
+    t_maps, t_ans, t_sig = arrays(test_run)
+    truth = test_coords.double().numpy()
+    out = {"fit": cal.describe()}
+    for label, c in [("raw", None), ("conformal", cal)]:
+        cov = conformal_coverage(c, t_maps, truth, t_ans, t_sig.get(cal.signal))
+        out[label] = {str(p): row for p, row in cov.items()}
+    return out
+
+
+def _pct(row):
+    return f"{100 * row['coverage']:.1f} [{100 * row['lo']:.1f}, {100 * row['hi']:.1f}]"
+
+
 def main(argv=None):
     import locdiff_ext as ld
+    from locdiff_ext.calibrate import knn_run_with_maps, run_with_maps
     from locdiff_ext.data import EmbeddingDataset
     from locdiff_ext.datasets.geonames import load_places
     from locdiff_ext.evaluation import fit_baselines, geolocation_metrics, markdown_table, paired_bootstrap
@@ -169,7 +193,10 @@ def main(argv=None):
         (tr_e, tr_c, _), (va_e, va_c, _), (te_e, te_c, te_id) = data["train"], data["val"], data["test"]
         knn = choose_knn_density(tr_e, tr_c, va_e, va_c, L=args.L)
         k, T = knn["k"], knn["temperature"]
-        per_seed, preds, choices, diags = [], {}, [], []
+        per_seed, preds, choices, diags, coverage = [], {}, [], [], []
+        knn_density = KNNDensity(tr_e, tr_c, k=k, temperature=T, L=args.L)
+        knn_regions = regions(knn_run_with_maps(knn_density, va_e), va_c, knn_run_with_maps(knn_density, te_e), te_c,
+                              args.data_seed)
         for seed in args.seeds:
             saved = out / f"model-{split}-seed{seed}"
             if args.reuse and saved.is_dir():
@@ -200,7 +227,10 @@ def main(argv=None):
                                       for (w, r), v in tuned["table"].items()}})
             row[f"{name}, anchored (chosen on validation)"] = m.predict(te_e, seed=seed)[0][:, 0]
             m.save_pretrained(saved)
-            row[f"kNN density (k={k}, T={T:g})"] = KNNDensity(tr_e, tr_c, k=k, temperature=T, L=args.L).predict(te_e)
+            coverage.append({f"{name}, anchored": regions(run_with_maps(m, va_e, seed=seed), va_c,
+                                                          run_with_maps(m, te_e, seed=seed), te_c, seed),
+                             **({f"kNN density (k={k}, T={T:g}), training-free": knn_regions} if not coverage else {})})
+            row[f"kNN density (k={k}, T={T:g})"] = knn_density.predict(te_e)
             row["kNN retrieval (top-1)"] = KNNDensity(tr_e, tr_c, k=1, L=args.L).predict(te_e)
             base = fit_baselines(tr_e, tr_c, steps=300 if args.quick else 3000, seed=seed)
             qn = unit_rows(te_e.float())
@@ -239,11 +269,26 @@ def main(argv=None):
                   "Diagnostics on validation per seed: " + "; ".join(
                       f"seed {s}: " + ", ".join(f"{key} {v:.1f}" if isinstance(v, float) else
                                                 f"{key} {[round(x, 3) for x in v]}" for key, v in d.items())
-                      for s, d in zip(args.seeds, diags)), ""]
+                      for s, d in zip(args.seeds, diags)), "",
+                  "Credible regions (issue 25): % of test truths inside the 50% / 90% regions [95% Wilson interval], "
+                  "the 90% region's median area (million km^2) and the conformal 90% radius (median km; % of truths "
+                  "within it); conformal: fitted on the validation places (groups by a query-time signal):", "",
+                  "| method, seed | regions | 50% | 90% | 90% area | 90% radius |", "|---|---|---:|---:|---:|---:|"]
+        for s_, cov in zip(args.seeds, coverage):
+            for meth, c in cov.items():
+                for label in ("raw", "conformal"):
+                    who = meth if meth.endswith("training-free") else f"{meth}, seed {s_}"
+                    lines.append(f"| {who} | {c['fit'] if label == 'conformal' else label} | "
+                                 + " | ".join(_pct(c[label][p]) for p in ("0.5", "0.9"))
+                                 + f" | {c[label]['0.9']['median_area_km2'] / 1e6:.2f} | "
+                                 + (f"{c[label]['0.9']['median_radius_km']:.0f} ({100 * c[label]['0.9']['radius_coverage']:.1f}%)"
+                                    if "median_radius_km" in c[label]["0.9"] else "-") + " |")
+        lines.append("")
         print("\n" + "\n".join(lines), flush=True)
         md += lines
         report[split] = {"results": mean, "per_seed": per_seed, "paired_differences": pairs, "knn_density_chosen":
-                         {"k": k, "temperature": T, "score": knn["score"]}, "choices": choices, "diagnostics": diags}
+                         {"k": k, "temperature": T, "score": knn["score"]}, "choices": choices, "diagnostics": diags,
+                         "coverage": coverage}
     out.mkdir(parents=True, exist_ok=True)
     report["seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(report, indent=1))

@@ -69,6 +69,14 @@ def test_text_benchmark_runs(tmp_path):
         chosen = res[split]["choices"][0]
         assert 0 <= chosen["prior_weight"] <= 1 and chosen["val_score"] >= chosen["val_score_prior"]
         assert "oracle_best_of_16_25km" in res[split]["diagnostics"][0]
+        cov = res[split]["coverage"][0]  # conformal regions fitted on validation, tested on the test places
+        assert {k.split(" (")[0] for k in cov} == {"LocDiff-R", "kNN density"}
+        for c in cov.values():
+            assert c["fit"].startswith("conformal, 80 calibration items")
+            for p in ("0.5", "0.9"):
+                assert c["raw"][p]["lo"] <= c["raw"][p]["coverage"] <= c["raw"][p]["hi"]
+                assert 0 < c["conformal"][p]["median_area_km2"] and "median_radius_km" in c["conformal"][p]
+    assert "Credible regions (issue 25)" in proc.stdout
     # the seen split tests training places in wordings no training text uses
     from locdiff_ext.datasets.geonames import HELDOUT_TEMPLATES, TEMPLATES
 

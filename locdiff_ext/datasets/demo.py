@@ -45,13 +45,13 @@ import torch.nn.functional as F
 
 from ..data import EmbeddingDataset
 from ..encoders import ImageEncoder, SmallCNNEncoder
-from ..calibrate import run_with_maps
+from ..calibrate import knn_run_with_maps, run_with_maps
 from ..evaluation.conformal import conformal_coverage, coverage_table, fit_conformal
 from ..evaluation import (compare_methods, fit_baselines, geolocation_metrics, markdown_table, paired_table,
                           reliability_levels)
 from ..inference import default_model_dir
 from ..selection import tune_inference
-from ..kernels.geometry import fibonacci_cells, latlon_to_xyz, unit_rows
+from ..kernels.geometry import fibonacci_cells, latlon_to_xyz
 from ..locdiff import LocDiff, LocDiffConfig
 from ..model import KNNDensity
 from ..train import Trainer, TrainConfig, run_files
@@ -255,14 +255,6 @@ def _as_numpy(run: dict) -> dict:
             "signals": {k: v.numpy() for k, v in run["signals"].items()}}
 
 
-@torch.no_grad()
-def _knn_run(knn: KNNDensity, emb: torch.Tensor) -> dict:
-    """The kNN density's answers, maps and signal (its most similar gallery entry), as ``_locdiff_run``."""
-    sims, _ = knn.gallery.search(unit_rows(emb.float()), 1)
-    return {"answers": knn.predict(emb).numpy(), "maps": knn.prob_map(emb, *MAP_SIZE).numpy(), "settings": {},
-            "signals": {"top_similarity": sims[:, 0].double().numpy()}}
-
-
 def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None, progress: bool = True,
              log=print) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Runs the whole demo (module docstring) and returns {split: {method: metrics}}."""
@@ -334,7 +326,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     locdiff_name = anchored or names_of(results)[0]
     knn_name = next(n for n in names_of(results) if n.startswith("kNN density"))
     runs = {locdiff_name: lambda e: _locdiff_run(locdiff, e, cfg.seed),
-            knn_name: lambda e: _knn_run(baselines["knn_density"], e)}
+            knn_name: lambda e: _as_numpy(knn_run_with_maps(baselines["knn_density"], e, MAP_SIZE))}
     fitted, calibration, curves, levels = {}, {}, {}, reliability_levels()
     for method, run in runs.items():
         v = run(emb[val_all])

@@ -1,0 +1,81 @@
+"""What conformal calibration adds to ``geolocate`` (issue 25 goal: under 5%).
+
+The same model and inputs, timed side by side and interleaved (these machines are noisy): ``geolocate`` with
+``return_map=True`` followed by what a user reads for each answer (the 90% region's area and the 90% radius),
+once with the model's conformal calibration and once with it removed (the raw map's own region and radius,
+``calibrated=False``).  Also the plain ``geolocate`` call alone (no map), where calibration only attaches the
+calibration to each result.  The model: a directory written by ``save_pretrained`` that holds a calibration
+(e.g. the demo's), the inputs its own validation-like random rows of the gallery.
+
+    python benchmarks/calibration_overhead.py --model ~/.cache/locdiff/demo-model --n 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+import locdiff_ext as ld
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="a saved, calibrated model directory")
+    ap.add_argument("--n", type=int, default=64, help="inputs per geolocate call")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    model = ld.LocDiff.from_pretrained(args.model)
+    if model.calibration is None:
+        raise SystemExit(f"{args.model} holds no calibration: run `locdiff calibrate` on it first")
+    cal = model.calibration
+    g = torch.Generator().manual_seed(0)
+    if model.gallery is not None and model.gallery.embeddings.shape[0]:  # like real queries: gallery rows + noise
+        emb = model.gallery.embeddings[torch.randint(0, model.gallery.embeddings.shape[0], (args.n,), generator=g)]
+        emb = emb.float() + 0.3 * emb.float().std() * torch.randn(emb.shape, generator=g)
+    else:
+        emb = torch.randn(args.n, model.config.cond_dim, generator=g)
+    size = tuple(cal.map_size)
+
+    def with_maps(calibrated: bool):
+        model.calibration = cal if calibrated else None
+        res = ld.geolocate(emb, model=model, return_map=True, map_size=size)
+        for r in res:
+            r.credible_area_km2(0.9, calibrated=calibrated)
+            r.radius_km(0.9, calibrated=calibrated)
+
+    def plain(calibrated: bool):
+        model.calibration = cal if calibrated else None
+        ld.geolocate(emb, model=model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_maps(True), plain(True)  # warm-up
+        rows = {}
+        for name, fn in [("geolocate(return_map=True) + area and radius at 90%", with_maps),
+                         ("geolocate (no map)", plain)]:
+            on, off = [], []
+            for _ in range(args.repeats):
+                off.append(timed(lambda: fn(False)))
+                on.append(timed(lambda: fn(True)))
+            rows[name] = (statistics.median(off), statistics.median(on))
+    model.calibration = cal
+    print(f"model {args.model}: {cal.describe()}; {args.n} inputs, map {size[0]} x {size[1]}, "
+          f"median of {args.repeats} interleaved repeats, {torch.get_num_threads()} threads")
+    print("| call | uncalibrated (s) | calibrated (s) | calibrated / uncalibrated |")
+    print("|---|---:|---:|---:|")
+    for name, (off, on) in rows.items():
+        print(f"| {name} | {off:.3f} | {on:.3f} | {on / off:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
