@@ -124,14 +124,23 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
 
 
 
+def _same_curve(a, b) -> bool:
+    return len(a) == len(b) and all(np.allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), atol=1e-12)
+                                    for x, y in zip(a, b))
+
+
 def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibration of the credible regions") -> Path:
     """A reliability plot PNG: for each named curve {name: (levels, coverages[, (lo, hi) per level])}, the share
     of true locations inside the p credible region against p, with its interval as a band where given; a
     calibrated method lies on the diagonal."""
     from PIL import Image, ImageDraw, ImageFont
 
+    merged: dict = {}  # identical curves (e.g. a LocDiff-R that chose its prior alone) drawn once, names joined
+    for name, curve in curves.items():
+        same = next((k for k, c in merged.items() if _same_curve(c, curve)), None)
+        merged[f"{same} = {name}" if same else name] = merged.pop(same) if same else curve
     side, pad = 400, 60
-    W, H = pad + side + 300, pad + side + 60
+    W, H = pad + side + max(300, 50 + int(6.5 * max(map(len, merged), default=0))), pad + side + 60
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     try:
@@ -156,7 +165,7 @@ def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibr
     d.text((5, pad - 30), "share of true locations inside the p region", fill=(0, 0, 0), font=font)
     colours = [(214, 39, 40), (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (23, 190, 207)]
-    for i, (name, curve) in enumerate(curves.items()):
+    for i, (name, curve) in enumerate(merged.items()):
         levels, cov = curve[0], curve[1]
         col = colours[i % len(colours)]
         if len(curve) > 2:  # the interval band, a light tint of the curve's colour drawn beneath it
