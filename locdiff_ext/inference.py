@@ -19,8 +19,8 @@ import torch
 
 from .checks import check_float
 from .evaluation.calibration import cell_of
-from .evaluation.conformal import ConformalCalibration, region_areas_km2, region_masks
-from .kernels.geometry import great_circle_km, grid_latlon
+from .evaluation.conformal import ConformalCalibration, grid_xyz, region_areas_km2, region_masks
+from .kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz
 from .locdiff import LocDiff
 
 PathLike = Union[str, os.PathLike]
@@ -114,9 +114,9 @@ class Geolocation:
         if self._use_calibration(calibrated):
             return float(self.calibration.radius_km(p, [self._group()])[0])
         m = self._map()
-        lat, lon = grid_latlon(*m.shape, device="cpu")
-        cells = torch.stack(torch.meshgrid(lat.double(), lon.double(), indexing="ij"), -1).reshape(-1, 2)
-        d = great_circle_km(torch.tensor([[self.lat, self.lon]], dtype=torch.float64), cells).numpy()
+        cells = grid_xyz(*m.shape)
+        a = latlon_to_xyz(torch.tensor([self.lat, self.lon], dtype=torch.float64)).numpy()
+        d = EARTH_RADIUS_KM * np.arctan2(np.linalg.norm(np.cross(cells, a), axis=1), cells @ a)  # accurate at 0 too
         order = np.argsort(d, kind="stable")
         cum = np.cumsum((m / m.sum()).ravel()[order])
         return float(d[order][min(int(np.searchsorted(cum, p - 1e-12)), d.size - 1)])

@@ -18,6 +18,7 @@ written here; tests check it against crepes' Mondrian conformal regressor.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -69,6 +70,15 @@ def conformal_quantile(scores, p: float, what: str = "calibration set") -> float
 # ---------------------------------------------------------------------- per-cell scores of maps
 
 
+@functools.lru_cache(maxsize=8)
+def grid_xyz(nlat: int, nlon: int) -> np.ndarray:
+    """Unit vectors [nlat * nlon, 3] of the cell centres of ``grid_latlon(nlat, nlon)`` (float64, read-only),
+    kept per map size: every region and radius of a map needs them."""
+    xyz = latlon_to_xyz(grid_points(nlat, nlon)).double().numpy()
+    xyz.flags.writeable = False
+    return xyz
+
+
 def _floored(maps: np.ndarray, answers: Optional[np.ndarray]) -> np.ndarray:
     """Maps [n, nlat, nlon] with a floor of FLOOR x the peak density, highest at the answer (n, 2) and
     falling with the distance from it.  Why: a map clamped at 0 has large regions of equal (zero) density;
@@ -79,7 +89,7 @@ def _floored(maps: np.ndarray, answers: Optional[np.ndarray]) -> np.ndarray:
         return maps
     maps, density, area = _densities(maps)
     n, nlat, nlon = maps.shape
-    cells = latlon_to_xyz(grid_points(nlat, nlon)).numpy()  # [C, 3]
+    cells = grid_xyz(nlat, nlon)  # [C, 3]
     a = np.asarray(answers, dtype=np.float64).reshape(n, 2)
     ok = ~np.isnan(a).any(axis=1)
     cos = cells @ latlon_to_xyz(torch.from_numpy(np.where(ok[:, None], a, 0.0))).numpy().T  # [C, n]
