@@ -339,17 +339,20 @@ class LocDiff(nn.Module):
 
     def _net_condition(self, cond: Tensor, coords: Optional[Tensor] = None,
                        neighbours: Optional[Tuple[Tensor, Tensor]] = None,
-                       found: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+                       found: Optional[Tuple[Tensor, Tensor]] = None,
+                       holdout: Optional[Tensor] = None) -> Tensor:
         """What the denoiser is conditioned on: the embeddings, plus for a retrieval-conditioned model
         its neighbours' features and prior (locdiff_ext.model.retrieval); given the true ``coords``
         (training), the gallery within a random hold-out region around each is hidden.  ``neighbours``
         (similarities [B, K'], coords [B, K', 2]): each row's precomputed candidates (a store's neighbour
         lists), from which the visible ones are taken instead of searching the gallery.  ``found``: at
-        inference, the inputs' neighbours already searched (``_neighbours``), best first: the first k are used."""
+        inference, the inputs' neighbours already searched (``_neighbours``), best first: the first k are used.
+        ``holdout``: the hold-out regions' random numbers [B, 6] (``holdout_draws``), else drawn here."""
         if self.gallery is None:
             return cond
         k = self.config.retrieval_k
-        centre, radius = (None, None) if coords is None else sample_holdout(coords, self.config.retrieval_holdout_km)
+        centre, radius = (None, None) if coords is None else sample_holdout(coords, self.config.retrieval_holdout_km,
+                                                                             holdout)
         if neighbours is not None:
             if coords is None:
                 raise ValueError("neighbours: candidate lists are for training rows (pass their coords)")
@@ -365,14 +368,16 @@ class LocDiff(nn.Module):
     # ------------------------------------------------------------------ training
     def training_loss(self, cond: Tensor, coords: Tensor, t: Tensor, noise: Tensor,
                       drop_mask: Optional[Tensor] = None, denoiser: Optional[nn.Module] = None,
-                      amp_dtype: Optional[torch.dtype] = None, neighbours: Optional[Tuple[Tensor, Tensor]] = None):
+                      amp_dtype: Optional[torch.dtype] = None, neighbours: Optional[Tuple[Tensor, Tensor]] = None,
+                      holdout: Optional[Tensor] = None):
         """Diffusion loss of one batch: (loss, {name: value}).  ``cond`` are conditioned embeddings
         (see ``condition``), ``t``/``noise``/``drop_mask`` the random draws (the trainer makes them,
         so that they are reproducible); ``denoiser`` defaults to ``self.net`` (DDP passes its wrapper).
         With ``amp_dtype`` the network runs under autocast; the loss is always computed in float32.
-        ``neighbours``: the rows' precomputed gallery candidates (``_net_condition``)."""
+        ``neighbours``: the rows' precomputed gallery candidates, ``holdout`` the random numbers of their
+        hold-out regions (``_net_condition``)."""
         net = denoiser or self.net
-        cond = self._net_condition(cond, coords, neighbours)
+        cond = self._net_condition(cond, coords, neighbours, holdout=holdout)
         x0 = self.shdd(coords).to(noise.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
         with torch.autocast(x_t.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \

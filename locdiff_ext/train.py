@@ -45,7 +45,7 @@ from .data.store import EmbeddingStore
 from .evaluation.metrics import geolocation_metrics
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
-from .model.retrieval import holdout_shortfall
+from .model.retrieval import holdout_draws, holdout_shortfall
 from .progress import Progress
 
 PathLike = Union[str, os.PathLike]
@@ -304,22 +304,23 @@ class Trainer:
         return self._epoch_order[1][i * B:(i + 1) * B]
 
     def draws(self, step: int):
-        """(t, noise, drop_mask) for the whole global batch of ``step``."""
+        """(t, noise, drop_mask, hold-out draws) for the whole global batch of ``step`` (each process takes
+        its rows, so any number of processes draws what one does)."""
         B, K = self.cfg.batch_size, self.model.shdd.dim
         g = torch.Generator().manual_seed(_step_seed(self.cfg.seed, step, 2))
         t = torch.randint(0, self.model.schedule.num_steps, (B,), generator=g)
         noise = torch.randn(B, K, generator=g)
         drop = torch.rand(B, generator=g) < self.model.config.cond_drop_prob
-        return t, noise, drop
+        return t, noise, drop, holdout_draws(B, g)
 
     # ------------------------------------------------------------------ one optimisation step
     def train_step(self, step: int) -> Tensor:
         mine = slice(self.rank, None, self.world)
         cond, coords, neighbours = self.batch(self.global_batch(step)[mine])
-        t, noise, drop = (x[mine].to(self.device) for x in self.draws(step))
+        t, noise, drop, holdout = (x[mine].to(self.device) for x in self.draws(step))
         torch.manual_seed(_step_seed(self.cfg.seed, step, 3 + self.rank))  # the network's dropout
         loss, _ = self.model.training_loss(cond, coords, t, noise, drop, denoiser=self.denoiser,
-                                           amp_dtype=self.amp_dtype, neighbours=neighbours)
+                                           amp_dtype=self.amp_dtype, neighbours=neighbours, holdout=holdout)
         if not bool(torch.isfinite(loss)):
             raise self._diverged(step, f"the loss is {float(loss.detach())}")
         self.opt.zero_grad(set_to_none=True)

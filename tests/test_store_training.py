@@ -132,8 +132,8 @@ def test_a_retrieval_model_needs_a_whole_store_and_a_faiss_index_is_used_when_sa
 
 def test_ddp_ranks_read_their_own_rows_of_one_store(tmp_path, monkeypatch):
     """2 gloo processes over one store, LocDiff-R (rank 0 builds the neighbour lists, rank 1 opens them):
-    each rank read only its half of every global batch.  (The weights are not compared with a 1-process
-    run: the hold-out regions are drawn per rank, from the rank's seed.)"""
+    each rank read only its half of every global batch, and the weights equal the 1-process run's up to
+    float summation order (the hold-out regions are drawn for the global batch, each rank taking its rows)."""
     import torch.multiprocessing as mp
 
     monkeypatch.chdir(tmp_path)
@@ -150,6 +150,8 @@ def test_ddp_ranks_read_their_own_rows_of_one_store(tmp_path, monkeypatch):
                        join=True, start_method="spawn")
     ddp = read_checkpoint(tmp_path / "rank0" / f"step_{steps:08d}")[0]["train_model"]
     assert ddp.keys() == {k for k in single.model.state_dict() if not k.startswith("gallery.")}
+    for k, v in ddp.items():
+        torch.testing.assert_close(v, single.model.state_dict()[k], rtol=1e-4, atol=1e-5, msg=k)
     assert not (tmp_path / "rank1").exists() or not any((tmp_path / "rank1").iterdir())
     reads = [json.loads((tmp_path / f"rows{r}.json").read_text()) for r in range(2)]
     for s in range(steps):

@@ -172,21 +172,33 @@ def holdout_shortfall(sims: Tensor, coords: Tensor, true_coords: Tensor, k: int,
     return float((~torch.isfinite(v[:, -1])).double().mean())
 
 
-def sample_holdout(coords: Tensor, max_km: float) -> Tuple[Tensor, Tensor]:
+def holdout_draws(n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """The random numbers of ``n`` training hold-out regions [n, 6] float64 (three uniforms, three normals),
+    apart from the geometry so that a trainer can draw them for the whole global batch of a step and give
+    each process its rows: a torchrun run then hides what the 1-process run hides."""
+    return torch.cat([torch.rand(n, 3, dtype=torch.float64, generator=generator),
+                      torch.randn(n, 3, dtype=torch.float64, generator=generator)], 1)
+
+
+def sample_holdout(coords: Tensor, max_km: float, draws: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Training hold-out regions for samples at ``coords`` [n, 2]: (centres [n, 2] float64, radii [n]
     km).  Half of the rows hide only the sample itself (centre = its location, radius 1 m); the others
     a cap of radius uniform in [max_km / 10, max_km] whose centre lies a distance R * sqrt(u) (u uniform)
-    from the sample in a uniform direction, so the sample is uniformly placed inside the cap.  Uses
-    torch's global RNG, which the Trainer seeds per step, so resumed runs draw the same regions."""
+    from the sample in a uniform direction, so the sample is uniformly placed inside the cap.  ``draws``
+    [n, 6]: the random numbers (``holdout_draws``; the Trainer makes them per step), else drawn from
+    torch's global RNG."""
     n = coords.shape[0]
-    radius = max_km / 10 + torch.rand(n, dtype=torch.float64) * (max_km - max_km / 10)
-    offset = radius * torch.rand(n, dtype=torch.float64).sqrt() / EARTH_RADIUS_KM  # radians of arc
+    d = holdout_draws(n) if draws is None else draws.detach().to("cpu", torch.float64)
+    if d.shape != (n, 6):
+        raise ValueError(f"draws must be [{n}, 6] (holdout_draws), got {tuple(d.shape)}")
+    radius = max_km / 10 + d[:, 0] * (max_km - max_km / 10)
+    offset = radius * d[:, 1].sqrt() / EARTH_RADIUS_KM  # radians of arc
     here = coords.detach().double().cpu()
     x = latlon_to_xyz(here)
-    t = torch.randn(n, 3, dtype=torch.float64)
+    t = d[:, 3:]
     t = F.normalize(t - (t * x).sum(-1, keepdim=True) * x, dim=-1)  # a random tangent direction
     centre = xyz_to_latlon(x * offset.cos()[:, None] + t * offset.sin()[:, None])
-    local = torch.rand(n) < 0.5
+    local = d[:, 2] < 0.5
     centre = torch.where(local[:, None], here, centre)
     radius = torch.where(local, torch.full_like(radius, SELF_KM), radius)
     return centre.to(coords.device), radius.to(coords.device)
@@ -265,5 +277,5 @@ class KNNDensity:
         return self.aggregator.probability_map(self.mixture(emb), nlat, nlon)
 
 
-__all__ = ["Gallery", "sample_holdout", "visible_neighbours", "holdout_shortfall", "neighbour_features",
+__all__ = ["Gallery", "holdout_draws", "sample_holdout", "visible_neighbours", "holdout_shortfall", "neighbour_features",
            "neighbour_density", "snap_to_neighbours", "KNNDensity"]

@@ -11,7 +11,7 @@ from helpers import random_coords, tiny_model
 import locdiff_ext as ld
 from locdiff_ext.data import EmbeddingDataset
 from locdiff_ext.kernels.geometry import great_circle_km
-from locdiff_ext.model.retrieval import Gallery, KNNDensity, neighbour_features, sample_holdout
+from locdiff_ext.model.retrieval import Gallery, KNNDensity, holdout_draws, neighbour_features, sample_holdout
 from locdiff_ext.model.shdd import SHDDEncoder
 from locdiff_ext.train import TrainConfig, Trainer
 
@@ -70,6 +70,13 @@ def test_holdout_regions_mix_both_regimes_and_always_contain_the_sample():
     assert bool((d <= r[far] + 1e-6).all())  # the sample lies inside its hidden cap ...
     assert float(((d / r[far]) ** 2).mean()) == pytest.approx(0.5, abs=0.05)  # ... uniformly over its area
     assert float((d / r[far]).max()) > 0.95 and float((d / r[far]).min()) < 0.05  # at its edge, or deep inside
+    # given draws (a trainer's, for the global batch): the same regions from the same numbers, row by row
+    draws = holdout_draws(n, torch.Generator().manual_seed(1))
+    whole = sample_holdout(coords, 1000.0, draws)
+    half = sample_holdout(coords[1::2], 1000.0, draws[1::2])
+    assert torch.equal(whole[0][1::2], half[0]) and torch.equal(whole[1][1::2], half[1])
+    with pytest.raises(ValueError, match="draws"):
+        sample_holdout(coords, 1000.0, draws[:3])
 
 
 def test_neighbour_features_prior_is_the_best_neighbour_and_a_weighted_density():
