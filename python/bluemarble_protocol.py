@@ -77,7 +77,7 @@ def summarise(runs: Dict[str, List[dict]]) -> str:
                 for name, d in r["paired_differences"][split].items():
                     a, b = name.split(" - ", 1)
                     for k, (mean, _, _) in d.items():
-                        diffs.setdefault(f"{a} - {_generic(b)}", {}).setdefault(k, []).append(mean)
+                        diffs.setdefault(f"{_generic(a)} - {_generic(b)}", {}).setdefault(k, []).append(mean)
             keys = [k for k in ("acc_25km", "acc_200km", "acc_750km", "acc_2500km")
                     if all(k in d for d in diffs.values())]  # reports before 2026-12-06 have 200 km and up
             out += ["", "Paired differences in points (LocDiff row minus baseline on the same crops), mean over seeds "
