@@ -1,0 +1,127 @@
+"""Which query-time signal could make the conformal regions hold per split (issue 25)?  Validation crops only.
+
+For a demo run (its seed's crops, features and saved model), on the validation crops of held-out tiles and of
+seen places: how well each neighbour signal tells the two apart (ROC AUC), and what per-split coverage Mondrian
+groups by the best similarity (2-10 groups) and by a learnt "how localizable" score reach, the conformal fit
+made on one random half and tested on the other (repeated).  The learnt score: a logistic regression on eight
+neighbour features predicting "answer within 200 km" (``--target split`` predicts the split itself instead).
+
+    python benchmarks/conformal_signals.py --model runs/conformal/efficientnet_seed0/demo-model --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from locdiff_ext.calibrate import run_with_maps
+from locdiff_ext.datasets.demo import MAP_SIZE, DemoConfig, build_dataset, image_features, validation_sets
+from locdiff_ext.evaluation.conformal import conformal_quantile, radius_scores, region_scores
+from locdiff_ext.kernels.geometry import great_circle_km, unit_rows
+from locdiff_ext.locdiff import LocDiff
+
+
+def auc(y: np.ndarray, x: np.ndarray) -> float:
+    """ROC AUC of score x for labels y (Mann-Whitney, ties averaged)."""
+    r = np.empty(len(x))
+    order = np.argsort(x, kind="stable")
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):  # average ranks of ties
+        m = x == v
+        r[m] = r[m].mean()
+    pos = y.astype(bool)
+    return float((r[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum()))
+
+
+def features(model: LocDiff, emb: torch.Tensor) -> dict:
+    sims, nc = model.gallery.search(unit_rows(emb.float()), 64)
+    out = {"top similarity": sims[:, 0], "gap to 8th": sims[:, 0] - sims[:, 7], "gap to 64th": sims[:, 0] - sims[:, 63],
+           "mean of top 8": sims[:, :8].mean(1)}
+    for k in (8, 64):
+        d = great_circle_km(nc[:, :k].reshape(-1, 2).double(), nc[:, 0].repeat_interleave(k, 0).double()).reshape(-1, k)
+        out[f"share of top {k} within 600 km of the 1st"] = (d < 600).double().mean(1)
+        out[f"log median distance of top {k} to the 1st"] = -torch.log1p(d.median(1).values)
+    return {k: v.double().numpy() for k, v in out.items()}
+
+
+def logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
+    """Weights [D + 1] of an L2-regularised logistic regression (torch LBFGS)."""
+    Xt = torch.from_numpy(np.c_[X, np.ones(len(X))])
+    yt = torch.from_numpy(y.astype(np.float64))
+    w = torch.zeros(Xt.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(Xt @ w, yt) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy()
+
+
+def grouped_coverage(score, signal_a, signal_b, a, b, split, groups: int) -> dict:
+    """Conformal thresholds per quantile group of ``signal_a`` on items ``a``, coverage of items ``b`` per split."""
+    edges = np.quantile(signal_a, np.arange(1, groups) / groups)
+    ga, gb = np.searchsorted(edges, signal_a), np.searchsorted(edges, signal_b)
+    out = {}
+    for p in (0.5, 0.9):
+        th = np.array([conformal_quantile(score[a][ga == g], p) for g in range(groups)])
+        hit = score[b] <= th[gb] + 1e-12
+        for s, name in ((0, "unseen"), (1, "seen")):
+            out[(name, p)] = hit[split[b] == s].mean()
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="the demo-model directory of that run")
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed (which crops)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--target", choices=["200km", "split"], default="200km")
+    args = ap.parse_args(argv)
+    cfg = DemoConfig(seed=args.seed)
+    data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=args.seed)
+    _, emb = image_features(data, cfg, False)
+    val, _ = validation_sets(data, cfg)
+    model = LocDiff.from_pretrained(args.model)
+    idx = np.concatenate([val["region"], val["random"]])
+    split = np.r_[np.zeros(len(val["region"])), np.ones(len(val["random"]))]
+    run = run_with_maps(model, emb[idx], MAP_SIZE, seed=args.seed)
+    truth = data.coords[idx]
+    score = region_scores(run["maps"].numpy(), truth, run["answers"].numpy())
+    dist = radius_scores(run["answers"].numpy(), truth)
+    feats = features(model, emb[idx])
+    print(f"{len(idx)} validation crops ({len(val['region'])} of held-out tiles, {len(val['random'])} of seen places)")
+    print("\n| signal | ROC AUC, seen vs unseen |\n|---|---:|")
+    for k, v in feats.items():
+        print(f"| {k} | {auc(split, v):.3f} |")
+    rng = np.random.default_rng(0)
+    X = np.stack(list(feats.values()), 1)
+    X = (X - X.mean(0)) / X.std(0)
+    target = split if args.target == "split" else (dist < 200).astype(float)
+    rows, aucs = {}, []
+    for _ in range(args.repeats):
+        perm = rng.permutation(len(idx))
+        a, b = perm[: len(idx) // 2], perm[len(idx) // 2:]
+        for G in (1, 2, 4, 6, 8, 10):
+            cov = grouped_coverage(score, feats["top similarity"][a], feats["top similarity"][b], a, b, split, G)
+            rows.setdefault(f"top similarity, {G} group{'s' if G > 1 else ''}", []).append(cov)
+        w = logistic(X[a], target[a])
+        la, lb = X[a] @ w[:-1], X[b] @ w[:-1]
+        aucs.append(auc(split[b], lb))
+        rows.setdefault(f"learnt score ({args.target}), 4 groups", []).append(
+            grouped_coverage(score, la, lb, a, b, split, 4))
+    print(f"\nlearnt score: ROC AUC seen vs unseen {np.mean(aucs):.3f} on the held-out halves")
+    print(f"\nCoverage per split, mean over {args.repeats} random halves (fit on one, tested on the other):\n")
+    print("| groups by | unseen 50% | unseen 90% | seen 50% | seen 90% |\n|---|---:|---:|---:|---:|")
+    for name, covs in rows.items():
+        cells = [100 * np.mean([c[(s, p)] for c in covs]) for s in ("unseen", "seen") for p in (0.5, 0.9)]
+        print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
