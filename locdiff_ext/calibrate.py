@@ -46,12 +46,19 @@ def run_with_maps(model: LocDiff, embeddings: Tensor, map_size: Tuple[int, int] 
 @torch.no_grad()
 def knn_run_with_maps(knn, embeddings: Tensor, map_size: Tuple[int, int] = (180, 360)) -> Dict[str, Any]:
     """The same for a ``KNNDensity`` (the training-free prior), so that it is calibrated like the model:
-    its answers, maps, and its query-time signal (the most similar gallery entry's similarity)."""
+    its answers, maps, and the same query-time signals (its answer's score, as ``predict_details`` gives a
+    model's, and the most similar gallery entry's similarity)."""
     sims, _ = knn.gallery.search(unit_rows(embeddings.float()), 1)
-    maps = torch.cat([knn.prob_map(embeddings[i:i + 256], *map_size).float()
-                      for i in range(0, embeddings.shape[0], 256)])
-    return {"answers": knn.predict(embeddings), "maps": maps, "settings": {},
-            "signals": {"top_similarity": sims[:, 0].double()}}
+    maps, answers, scores = [], [], []
+    for i in range(0, embeddings.shape[0], 256):
+        mixture = knn.mixture(embeddings[i:i + 256])
+        maps.append(knn.aggregator.probability_map(mixture, *map_size).float())
+        c, s = knn.aggregator(mixture, 1)
+        answers.append(c[:, 0].cpu())
+        scores.append(s[:, 0].double().cpu())
+    return {"answers": torch.cat(answers), "maps": torch.cat(maps), "settings": {},
+            "signals": {"mode_score": torch.cat(scores).nan_to_num(neginf=0.0),
+                        "top_similarity": sims[:, 0].double()}}
 
 
 def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tuple[int, int] = (180, 360),

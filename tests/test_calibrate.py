@@ -142,3 +142,21 @@ def test_cli_calibrate_then_predict_shows_the_radius(trained, tmp_path):
     bad = run_cli("calibrate", tmp_path / "val.npz", "--model", tmp_path / "m", "--rows", 10, "--no-progress",
                   cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "too few" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_knn_density_is_run_as_a_model_is():
+    """knn_run_with_maps: the density's own answers and maps, and the same candidate signals as a model's
+    (its answer's score and its best similarity), so that both are calibrated alike."""
+    from locdiff_ext.calibrate import knn_run_with_maps
+    from locdiff_ext.model.retrieval import KNNDensity
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(300, 16, generator=g)
+    coords = torch.stack([torch.rand(300, generator=g) * 160 - 80, torch.rand(300, generator=g) * 360 - 180], 1)
+    knn = KNNDensity(emb, coords.double(), k=8, temperature=0.05, L=8)
+    run = knn_run_with_maps(knn, emb[:20], (45, 90))
+    assert torch.allclose(run["answers"].double(), knn.predict(emb[:20]).double())
+    assert torch.allclose(run["maps"].double(), knn.prob_map(emb[:20], 45, 90).double(), atol=1e-6)
+    assert set(run["signals"]) == {"mode_score", "top_similarity"}
+    assert torch.allclose(run["signals"]["top_similarity"], torch.ones(20, dtype=torch.float64), atol=1e-5)  # itself
+    assert bool(((run["signals"]["mode_score"] >= 0) & (run["signals"]["mode_score"] <= 1 + 1e-9)).all())

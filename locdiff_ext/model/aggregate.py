@@ -48,11 +48,13 @@ class SampleAggregator:
 
     def probability_map(self, samples: Tensor, nlat: int = 180, nlon: int = 360, sharpness: float = 1.0) -> Tensor:
         """Per-cell probabilities [B, nlat, nlon] of the sample mean, smoothed with the SHDD-KL
-        Gaussian (no negative side lobes), clamped at 0, raised to the power ``sharpness`` (a density
-        temperature calibrated on validation data; 1: none) and weighted by cell area."""
+        Gaussian (no negative side lobes), clamped at 0 (uniform where nothing is left), raised to the power
+        ``sharpness`` (a density temperature calibrated on validation data; 1: none) and weighted by cell area."""
         coeffs = self.shdd.unscale(samples.mean(dim=1).double())
         coeffs = coeffs * per_coefficient(gaussian_taper(self.shdd.L, self.smoothing)).to(coeffs.device)
         f = sh_synthesis(coeffs, nlat, nlon).clamp(min=0)
+        # a mean that is <= 0 everywhere (an untrained model can give one) says nothing: the uniform map
+        f = torch.where(f.amax(dim=(1, 2), keepdim=True) > 0, f, torch.ones_like(f))
         if sharpness != 1.0:
             f = (f / f.amax(dim=(1, 2), keepdim=True).clamp(min=1e-300)) ** sharpness
         lat, _ = grid_latlon(nlat, nlon, device=f.device)

@@ -30,3 +30,24 @@ def test_gaussian_taper_removes_side_lobes():
     tapered = ld.sh_synthesis(ld.shdd_encode(pt, L, weights=degree_weights(L, "gaussian")), 64, 128)
     assert plain.min() < -0.05 * plain.max()       # Gibbs lobes of the truncated Dirac
     assert tapered.min() > -1e-3 * tapered.max()   # essentially gone
+
+
+def test_a_mean_that_is_nowhere_positive_gives_the_uniform_map():
+    """An untrained model's sample mean can be <= 0 everywhere: its map is uniform by area (it says nothing),
+    not zeros or NaN, so that regions and calibration stay defined."""
+    import math
+
+    from locdiff_ext.kernels.geometry import grid_latlon
+    from locdiff_ext.model.aggregate import SampleAggregator
+
+    enc = SHDDEncoder(4)
+    agg = SampleAggregator(enc, SHDDDecoder(enc), 3.0 / 4)
+    samples = torch.zeros(2, 3, enc.dim, dtype=torch.float64)
+    samples[0, :, 0] = -1.0  # a constant negative function
+    samples[1] = enc(torch.tensor([[10.0, 20.0]], dtype=torch.float64)).expand(3, -1)
+    p = agg.probability_map(samples, 18, 36)
+    assert bool(torch.isfinite(p).all()) and torch.allclose(p.sum(dim=(1, 2)), torch.ones(2, dtype=p.dtype))
+    lat, _ = grid_latlon(18, 36)
+    w = torch.cos(torch.deg2rad(lat.double()))
+    assert torch.allclose(p[0], (w / w.sum() / 36)[:, None].expand(18, 36).to(p.dtype))
+    assert float(p[1].max()) > 3 * float(p[1].mean()) and not math.isnan(float(p[1].sum()))  # a bump at L = 4
