@@ -32,7 +32,8 @@ def main(split: str, out: Path, places_n: int = 12000, data_seed: int = 0) -> No
     r = regions(knn_run_with_maps(knn, va_e), va_c, knn_run_with_maps(knn, te_e), te_c, data_seed)
     for label in ("raw", "conformal"):
         print(split, label, r["fit"] if label == "conformal" else "",
-              {p: {k: round(v, 4) for k, v in r[label][p].items()} for p in ("0.5", "0.9")}, flush=True)
+              {p: {k: round(v, 4) if isinstance(v, float) else v for k, v in r[label][p].items()}
+               for p in ("0.5", "0.9")}, flush=True)
 
 
 if __name__ == "__main__":

@@ -405,11 +405,19 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> Tuple[float, float]:
     return (max(0.0, mid - half), min(1.0, mid + half))
 
 
+def _group_coverage(hits: np.ndarray) -> Dict[str, Any]:
+    """{n, coverage, lo, hi} of one group's hits (None where the group has no test item)."""
+    if hits.size == 0:
+        return {"n": 0, "coverage": None, "lo": None, "hi": None}
+    lo, hi = wilson_interval(int(hits.sum()), hits.size)
+    return {"n": int(hits.size), "coverage": float(hits.mean()), "lo": lo, "hi": hi}
+
+
 def conformal_coverage(cal: Optional[ConformalCalibration], prob_maps, truths, answers, signal_values=None,
                        levels: Sequence[float] = (0.5, 0.9)) -> Dict[float, Dict[str, float]]:
     """On test items: per level, the share of truths inside the region (with its 95% Wilson interval),
-    the median region area, and the same for the radius.  ``cal`` None: the raw maps' own regions (and
-    no radius)."""
+    the median region area, the same for the radius, and (``per_group``) the coverage within each of the
+    calibration's groups, lowest signal first.  ``cal`` None: the raw maps' own regions (no radius, no groups)."""
     maps, truths = _as_arrays(prob_maps, truths)
     N = maps.shape[0]
     answers = _answers(answers, N)
@@ -433,6 +441,7 @@ def conformal_coverage(cal: Optional[ConformalCalibration], prob_maps, truths, a
             rlo, rhi = wilson_interval(int(rh.sum()), N)
             row.update(radius_coverage=float(rh.mean()), radius_lo=rlo, radius_hi=rhi,
                        median_radius_km=float(np.median(r)))
+            row["per_group"] = [_group_coverage(hits[g == k]) for k in range(len(cal.sizes))]
         out[p] = row
     return out
 
@@ -450,6 +459,13 @@ def coverage_table(rows: Mapping[str, Mapping[float, Mapping[str, float]]], leve
             cells.append(f"{c['coverage'] * 100:.1f}% [{c['lo'] * 100:.1f}, {c['hi'] * 100:.1f}] | "
                          f"{c['median_area_km2']:.3g} | {rad}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    groups = [(name, cov) for name, cov in rows.items() if len(cov[levels[0]].get("per_group", ())) > 1]
+    if groups:
+        out += ["", "Coverage within each group of the calibration (lowest signal first; n test items):"]
+        out += [f"- {name}: " + "; ".join(f"{p:.0%}: " + ", ".join(
+            f"{100 * g['coverage']:.1f}% (n={g['n']})" if g["n"] else "- (n=0)" for g in cov[p]["per_group"])
+            for p in levels)
+                for name, cov in groups]
     return "\n".join(out)
 
 

@@ -116,8 +116,14 @@ def test_mondrian_coverage_holds_in_each_group_where_one_group_cannot():
     assert raw[0.9]["coverage"] < 0.85 and "median_radius_km" not in raw[0.9]
     po, pu = np.mean(cov["over pooled"], axis=0), np.mean(cov["under pooled"], axis=0)
     assert po[1] < 0.86 and pu[1] > 0.94  # one cut for all: too small for one half, too large for the other
-    table = coverage_table({"test, grouped": conformal_coverage(cal, maps[t], truths[t], answers[t], signal[t])})
-    assert "90%: coverage [95% CI]" in table and "test, grouped" in table
+    got = conformal_coverage(cal, maps[t], truths[t], answers[t], signal[t])
+    groups = got[0.9]["per_group"]  # each group's own coverage, which pools to the whole
+    assert len(groups) == 4 and sum(g["n"] for g in groups) == len(t)
+    assert sum(g["n"] * g["coverage"] for g in groups) / len(t) == pytest.approx(got[0.9]["coverage"])
+    assert all(g["lo"] <= g["coverage"] <= g["hi"] for g in groups)
+    assert "per_group" not in raw[0.9]
+    table = coverage_table({"test, grouped": got})
+    assert "90%: coverage [95% CI]" in table and "test, grouped" in table and "within each group" in table
 
 
 def test_wilson_interval():
