@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,6 +42,12 @@ def run_with_maps(model: LocDiff, embeddings: Tensor, map_size: Tuple[int, int] 
         settings = out.settings
     return {"answers": torch.cat(answers), "maps": torch.cat(maps), "settings": settings,
             "signals": {k: torch.cat(v) for k, v in signals.items()}}
+
+
+def run_as_numpy(run: Dict[str, Any]) -> Dict[str, Any]:
+    """A run of ``run_with_maps`` / ``knn_run_with_maps`` as the numpy arrays the conformal functions take."""
+    return {"answers": run["answers"].numpy(), "maps": run["maps"].numpy(), "settings": run["settings"],
+            "signals": {k: v.numpy() for k, v in run["signals"].items()}}
 
 
 @torch.no_grad()
@@ -76,18 +83,16 @@ def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tupl
         raise ValueError(f"embeddings: {emb.shape[0]} calibration items are too few: at least {MIN_ITEMS} are needed "
                          f"(a 90% region needs n >= {needed_items(0.9)} per group, and its promise is loose below ~100)")
     check_int(min_group, "min_group", MIN_ITEMS)
-    run = run_with_maps(model, emb, map_size, seed, batch_size, progress, **inference)
-    missing = torch.isnan(run["answers"][:, 0])
+    run = run_as_numpy(run_with_maps(model, emb, map_size, seed, batch_size, progress, **inference))
+    missing = np.isnan(run["answers"][:, 0])
     if missing.any():
         raise ValueError(f"the model found no answer for {int(missing.sum())} calibration inputs")
     truth = coords.double().cpu().numpy()
-    cal, report = fit_conformal(run["maps"].numpy(), truth, run["answers"].numpy(), run["signals"], run["settings"],
+    cal, report = fit_conformal(run["maps"], truth, run["answers"], run["signals"], run["settings"],
                                 min_group=min_group, max_groups=max_groups, seed=seed)
     model.calibration = cal
-    sig = run["signals"].get(cal.signal)
-    report["in_sample"] = conformal_coverage(cal, run["maps"].numpy(), truth, run["answers"].numpy(),
-                                             None if sig is None else sig.numpy())
-    report["raw"] = conformal_coverage(None, run["maps"].numpy(), truth, run["answers"].numpy())
+    report["in_sample"] = conformal_coverage(cal, run["maps"], truth, run["answers"], run["signals"].get(cal.signal))
+    report["raw"] = conformal_coverage(None, run["maps"], truth, run["answers"])
     report["settings"] = run["settings"]
     return report
 
@@ -119,4 +124,4 @@ def summary(report: Dict[str, Any], model: LocDiff) -> str:
     return f"calibrated: {model.calibration.describe()}; on those items {levels}"
 
 
-__all__ = ["calibrate", "calibrate_and_save", "knn_run_with_maps", "run_with_maps", "summary", "MIN_ITEMS"]
+__all__ = ["calibrate", "calibrate_and_save", "knn_run_with_maps", "run_as_numpy", "run_with_maps", "summary", "MIN_ITEMS"]

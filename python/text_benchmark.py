@@ -128,18 +128,15 @@ def diagnostics(model, val_emb, val_coords, seed):
 def regions(val_run, val_coords, test_run, test_coords, seed):
     """Conformal regions fitted on a validation run (``locdiff_ext.calibrate.run_with_maps``) and their test
     coverage at 50 / 90%, raw and conformal: {"raw": {p: row}, "conformal": {p: row}, "fit": description}."""
+    from locdiff_ext.calibrate import run_as_numpy
     from locdiff_ext.evaluation.conformal import conformal_coverage, fit_conformal
 
-    def arrays(run):
-        return run["maps"].numpy(), run["answers"].numpy(), {k: v.numpy() for k, v in run["signals"].items()}
-
-    v_maps, v_ans, v_sig = arrays(val_run)
-    cal, _ = fit_conformal(v_maps, val_coords.double().numpy(), v_ans, v_sig, val_run["settings"], seed=seed)
-    t_maps, t_ans, t_sig = arrays(test_run)
+    v, t = run_as_numpy(val_run), run_as_numpy(test_run)
+    cal, _ = fit_conformal(v["maps"], val_coords.double().numpy(), v["answers"], v["signals"], v["settings"], seed=seed)
     truth = test_coords.double().numpy()
     out = {"fit": cal.describe()}
     for label, c in [("raw", None), ("conformal", cal)]:
-        cov = conformal_coverage(c, t_maps, truth, t_ans, t_sig.get(cal.signal))
+        cov = conformal_coverage(c, t["maps"], truth, t["answers"], t["signals"].get(cal.signal))
         out[label] = {str(p): row for p, row in cov.items()}
     return out
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..data import EmbeddingDataset
 from ..encoders import ImageEncoder, SmallCNNEncoder
-from ..calibrate import knn_run_with_maps, run_with_maps
+from ..calibrate import knn_run_with_maps, run_as_numpy, run_with_maps
 from ..evaluation.conformal import conformal_coverage, coverage_table, fit_conformal
 from ..evaluation import (compare_methods, fit_baselines, geolocation_metrics, markdown_table, paired_table,
                           reliability_levels)
@@ -245,14 +245,9 @@ def names_of(results: Dict[str, Dict[str, dict]]) -> list:
 def _locdiff_run(locdiff: LocDiff, emb: Optional[torch.Tensor], seed: int, details=None) -> dict:
     """LocDiff's answers, maps, signals and settings for ``emb`` (or of a ``predict_details`` result)."""
     if details is None:
-        return _as_numpy(run_with_maps(locdiff, emb, MAP_SIZE, seed=seed))
-    return _as_numpy({"answers": details.coords[:, 0], "maps": details.maps, "signals": details.signals,
+        return run_as_numpy(run_with_maps(locdiff, emb, MAP_SIZE, seed=seed))
+    return run_as_numpy({"answers": details.coords[:, 0], "maps": details.maps, "signals": details.signals,
                       "settings": details.settings})
-
-
-def _as_numpy(run: dict) -> dict:
-    return {"answers": run["answers"].numpy(), "maps": run["maps"].numpy(), "settings": run["settings"],
-            "signals": {k: v.numpy() for k, v in run["signals"].items()}}
 
 
 def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None, progress: bool = True,
@@ -326,7 +321,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     locdiff_name = anchored or names_of(results)[0]
     knn_name = next(n for n in names_of(results) if n.startswith("kNN density"))
     runs = {locdiff_name: lambda e: _locdiff_run(locdiff, e, cfg.seed),
-            knn_name: lambda e: _as_numpy(knn_run_with_maps(baselines["knn_density"], e, MAP_SIZE))}
+            knn_name: lambda e: run_as_numpy(knn_run_with_maps(baselines["knn_density"], e, MAP_SIZE))}
     fitted, calibration, curves, levels = {}, {}, {}, reliability_levels()
     for method, run in runs.items():
         v = run(emb[val_all])
