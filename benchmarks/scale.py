@@ -95,6 +95,8 @@ def phase(name: str, args) -> dict:
         index.search(q, 8)
         out.update(kind=index.kind, nprobe=index.nprobe, refine=index.refine,
                    search_ms_per_query=1e3 * (time.perf_counter() - t1) / len(q), recall_at_8=recall_at_k(index, q, 8))
+        if index.faiss_index is not None:
+            out["recall_at_8_nprobe32"] = recall_at_k(index, q, 8, nprobe=32)
         t1 = time.perf_counter()
         lists = NeighbourLists.build(index, args.lists_k, progress=False)
         out.update(lists_seconds=time.perf_counter() - t1, store_mb_with_index=dir_mb(store_dir))

@@ -4,10 +4,13 @@ Why two kinds of search: exact search reads the whole gallery for every batch of
 for a small gallery (no index to build, no recall lost) but costs O(N) per query: ~1 s for 64 queries
 against MP16's 4.7M x 768.  Above ``EXACT_MAX_CELLS`` (rows x dim) ``GalleryIndex.build`` makes a FAISS
 index instead (``pip install faiss-cpu``, or faiss-gpu; FAISS is the gallery index of this field:
-GeoCLIP-style galleries, Img2Loc): PCA to at most 256 dimensions, an inverted file of ~4 sqrt(N) lists
-and 8-bit scalar quantisation (256 B a row: 1.3 GB at 5M), whose candidates are then re-ranked with the
+GeoCLIP-style galleries, Img2Loc): an inverted file of ~4 sqrt(N) lists with 8-bit scalar quantisation of
+all dimensions (one byte a dimension: 3.8 GB at 5M x 768), whose candidates are then re-ranked with the
 exact similarities of the store's own rows, so that the similarities a model sees are exact whichever
-search found them.  Its recall@k against exact search is measured by ``recall_at_k`` (BENCHMARKS.md).
+search found them.  Why no PCA before it: keeping 256 of 768 dimensions cut the index to a third but lost
+the ranking (recall@8 0.92 at 5M with 512 re-ranked candidates; without PCA 0.99 at 1M with 64), and the
+saved index is opened memory-mapped (file-backed pages the kernel can drop, not the process's memory).
+Its recall@k against exact search is measured by ``recall_at_k`` (BENCHMARKS.md).
 
 Why neighbour lists: a retrieval-conditioned LocDiff is trained with part of the gallery hidden around
 each sample (``locdiff_ext.model.retrieval.sample_holdout``), so a training step needs each sample's top
@@ -36,6 +39,7 @@ from .store import EmbeddingStore, StoreError
 
 PathLike = Union[str, os.PathLike]
 EXACT_MAX_CELLS = 200_000 * 768   # rows x dim up to which exact search is the default (~30 ms for 64 queries)
+REFINE = 128  # candidates re-ranked exactly per query (IVF + SQ8 ranks well: 64 and 512 gave the same recall at 1M)
 INDEX_FORMAT = "locdiff-index/1"
 LISTS_FORMAT = "locdiff-neighbours/1"
 
@@ -128,7 +132,7 @@ class GalleryIndex:
     the store content it indexes) and reopen with ``load``, which refuses an index of other data."""
 
     def __init__(self, store: EmbeddingStore, kind: str = "exact", faiss_index=None, nprobe: int = 16,
-                 refine: int = 512):
+                 refine: int = REFINE):
         if not store.is_whole:
             raise ValueError("a gallery index covers a whole store, not a view (subset/split) of one")
         self.store, self.kind, self.faiss_index = store, kind, faiss_index
@@ -146,16 +150,15 @@ class GalleryIndex:
 
     @staticmethod
     def default_kind(store: EmbeddingStore) -> str:
-        """'exact' for galleries up to EXACT_MAX_CELLS rows x dim, else PCA + IVF + SQ8 (module docstring)."""
+        """'exact' for galleries up to EXACT_MAX_CELLS rows x dim, else IVF + SQ8 (module docstring)."""
         n, d = len(store), store.dim
         if n * d <= EXACT_MAX_CELLS:
             return "exact"
         nlist = int(2 ** round(math.log2(max(64.0, min(16384.0, 4 * math.sqrt(n))))))
-        pca = min(256, d)
-        return (f"PCA{pca}," if pca < d else "") + f"IVF{nlist},SQ8"
+        return f"IVF{nlist},SQ8"
 
     @classmethod
-    def build(cls, store: EmbeddingStore, kind: Optional[str] = None, nprobe: int = 16, refine: int = 512,
+    def build(cls, store: EmbeddingStore, kind: Optional[str] = None, nprobe: int = 16, refine: int = REFINE,
               chunk: int = 65536, progress: bool = True, seed: int = 0) -> "GalleryIndex":
         """An index of ``store`` (``kind``: None = ``default_kind``, 'exact', or a FAISS factory string with
         an IVF stage, inner-product metric); FAISS indexes are trained on a random sample of rows."""
@@ -247,8 +250,8 @@ class GalleryIndex:
         faiss = _faiss()
         if not data_path.is_file():
             raise StoreError(f"gallery index file {str(data_path)!r} is missing: rebuild it (`locdiff store index`)")
-        try:
-            index = faiss.read_index(str(data_path))
+        try:  # memory-mapped where this FAISS can (>= 1.11): the lists stay file-backed pages
+            index = faiss.read_index(str(data_path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
         except RuntimeError as exc:
             raise StoreError(f"gallery index file {str(data_path)!r} cannot be read: {str(exc).splitlines()[0]}") from None
         if index.ntotal != len(store) or index.d != store.dim:
@@ -263,16 +266,15 @@ class GalleryIndex:
     @classmethod
     def open_or_build(cls, store: EmbeddingStore, progress: bool = True) -> "GalleryIndex":
         """The saved index of ``store`` if there is one, else a new default one (saved)."""
-        if (store.path / "index.json").is_file():
-            return cls.load(store)
-        index = cls.build(store, progress=progress)
-        index.save()
-        return index
+        if not (store.path / "index.json").is_file():
+            cls.build(store, progress=progress).save()
+        return cls.load(store)  # opened from the file, memory-mapped, rather than the built one kept in memory
 
 
-def recall_at_k(index: GalleryIndex, queries: Tensor, k: int) -> float:
-    """Mean share of the exact top-``k`` rows that ``index`` returns in its top ``k`` (1.0 for 'exact')."""
-    _, got = index.search(queries, k)
+def recall_at_k(index: GalleryIndex, queries: Tensor, k: int, **search) -> float:
+    """Mean share of the exact top-``k`` rows that ``index`` returns in its top ``k`` (1.0 for 'exact');
+    ``search``: refine / nprobe other than the index's."""
+    _, got = index.search(queries, k, **search)
     _, truth = exact_search(index.store, queries.float(), k)
     hits = [len(set(g.tolist()) & set(t.tolist()) - {-1}) / max(1, int((t >= 0).sum())) for g, t in zip(got, truth)]
     return float(np.mean(hits))

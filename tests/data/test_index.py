@@ -64,8 +64,8 @@ def test_default_kind_is_exact_for_small_galleries_and_faiss_above():
             return self.n
 
     assert GalleryIndex.default_kind(S(200_000, 768)) == "exact"
-    assert GalleryIndex.default_kind(S(5_000_000, 768)) == "PCA256,IVF8192,SQ8"
-    assert GalleryIndex.default_kind(S(1_000_000, 768)) == "PCA256,IVF4096,SQ8"
+    assert GalleryIndex.default_kind(S(5_000_000, 768)) == "IVF8192,SQ8"
+    assert GalleryIndex.default_kind(S(1_000_000, 768)) == "IVF4096,SQ8"
 
 
 def test_neighbour_lists_are_each_rows_top_k_and_far_candidates_and_resume(store, monkeypatch):
