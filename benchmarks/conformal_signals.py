@@ -63,6 +63,13 @@ def logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
     return w.detach().numpy()
 
 
+def ridge(X: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
+    """Weights [D + 1] of a ridge regression (the sign flipped: a higher score means easier, as for logistic)."""
+    A = np.c_[X, np.ones(len(X))]
+    w = np.linalg.solve(A.T @ A + l2 * len(X) * np.diag(np.r_[np.ones(X.shape[1]), 0.0]), A.T @ y)
+    return -w
+
+
 def grouped_coverage(score, signal_a, signal_b, a, b, split, groups: int) -> dict:
     """Conformal thresholds per quantile group of ``signal_a`` on items ``a``, coverage of items ``b`` per split."""
     edges = np.quantile(signal_a, np.arange(1, groups) / groups)
@@ -81,7 +88,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True, help="the demo-model directory of that run")
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (which crops)")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--target", choices=["200km", "split"], default="200km")
+    ap.add_argument("--target", choices=["200km", "split", "score"], default="200km",
+                    help="what the learnt score predicts: answer within 200 km, the split, or the region score (ridge)")
+    ap.add_argument("--top8", action="store_true", help="features of the 8 best neighbours and the mode's score only")
     args = ap.parse_args(argv)
     cfg = DemoConfig(seed=args.seed)
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=args.seed)
@@ -103,6 +112,11 @@ def main(argv=None) -> None:
     X = np.stack(list(feats.values()), 1)
     X = (X - X.mean(0)) / X.std(0)
     target = split if args.target == "split" else (dist < 200).astype(float)
+    if args.top8:  # only what a prediction has at hand: its 8 neighbours and its mode's score
+        feats = {k: v for k, v in feats.items() if "64" not in k}
+        feats["mode score"] = run["signals"]["mode_score"].numpy()
+        X = np.stack(list(feats.values()), 1)
+        X = (X - X.mean(0)) / X.std(0)
     rows, aucs = {}, []
     for _ in range(args.repeats):
         perm = rng.permutation(len(idx))
@@ -110,7 +124,7 @@ def main(argv=None) -> None:
         for G in (1, 2, 4, 6, 8, 10):
             cov = grouped_coverage(score, feats["top similarity"][a], feats["top similarity"][b], a, b, split, G)
             rows.setdefault(f"top similarity, {G} group{'s' if G > 1 else ''}", []).append(cov)
-        w = logistic(X[a], target[a])
+        w = ridge(X[a], score[a]) if args.target == "score" else logistic(X[a], target[a])
         la, lb = X[a] @ w[:-1], X[b] @ w[:-1]
         aucs.append(auc(split[b], lb))
         rows.setdefault(f"learnt score ({args.target}), 4 groups", []).append(

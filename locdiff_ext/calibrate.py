@@ -23,6 +23,7 @@ from .data.checkpoint import update_documents
 from .evaluation.conformal import conformal_coverage, fit_conformal, needed_items
 from .kernels.geometry import unit_rows
 from .locdiff import LocDiff
+from .model.retrieval import SIGNAL_K, query_signals
 
 MIN_ITEMS = 50  # below this a 90% region rests on the 46th-50th smallest scores: refused, not guessed
 
@@ -53,9 +54,9 @@ def run_as_numpy(run: Dict[str, Any]) -> Dict[str, Any]:
 @torch.no_grad()
 def knn_run_with_maps(knn, embeddings: Tensor, map_size: Tuple[int, int] = (180, 360)) -> Dict[str, Any]:
     """The same for a ``KNNDensity`` (the training-free prior), so that it is calibrated like the model:
-    its answers, maps, and the same query-time signals (its answer's score, as ``predict_details`` gives a
-    model's, and the most similar gallery entry's similarity)."""
-    sims, _ = knn.gallery.search(unit_rows(embeddings.float()), 1)
+    its answers, maps, and the same query-time signals as ``predict_details`` gives a model's (its answer's
+    score and its neighbours' ``query_signals``)."""
+    signals = query_signals(*knn.gallery.search(unit_rows(embeddings.float()), SIGNAL_K))
     maps, answers, scores = [], [], []
     for i in range(0, embeddings.shape[0], 256):
         mixture = knn.mixture(embeddings[i:i + 256])
@@ -64,8 +65,7 @@ def knn_run_with_maps(knn, embeddings: Tensor, map_size: Tuple[int, int] = (180,
         answers.append(c[:, 0].cpu())
         scores.append(s[:, 0].double().cpu())
     return {"answers": torch.cat(answers), "maps": torch.cat(maps), "settings": {},
-            "signals": {"mode_score": torch.cat(scores).nan_to_num(neginf=0.0),
-                        "top_similarity": sims[:, 0].double()}}
+            "signals": {"mode_score": torch.cat(scores).nan_to_num(neginf=0.0), **signals}}
 
 
 def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tuple[int, int] = (180, 360),
@@ -91,7 +91,7 @@ def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tupl
     cal, report = fit_conformal(run["maps"], truth, run["answers"], run["signals"], run["settings"],
                                 min_group=min_group, max_groups=max_groups, seed=seed)
     model.calibration = cal
-    report["in_sample"] = conformal_coverage(cal, run["maps"], truth, run["answers"], run["signals"].get(cal.signal))
+    report["in_sample"] = conformal_coverage(cal, run["maps"], truth, run["answers"], run["signals"])
     report["raw"] = conformal_coverage(None, run["maps"], truth, run["answers"])
     report["settings"] = run["settings"]
     return report

@@ -79,7 +79,7 @@ class Geolocation:
 
     def _group(self) -> int:
         cal = self.calibration
-        return int(cal.groups([self.signals.get(cal.signal, 0.0)])[0])
+        return int(cal.groups(cal.signal_values({k: [v] for k, v in self.signals.items()}, 1))[0])
 
     def _threshold(self, p: float, calibrated: Optional[bool]) -> float:
         """The region's cut: the calibrated threshold, or p (the raw map's own region)."""

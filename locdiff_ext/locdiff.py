@@ -31,8 +31,8 @@ from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss,
                               mse_loss)
-from .model.retrieval import (Gallery, neighbour_density, neighbour_features, sample_holdout, snap_to_neighbours,
-                              visible_neighbours)
+from .model.retrieval import (Gallery, neighbour_density, neighbour_features, query_signals, sample_holdout,
+                              snap_to_neighbours, visible_neighbours)
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
 from .progress import Progress
@@ -149,7 +149,8 @@ class LocDiffConfig:
 class Prediction:
     """What ``LocDiff.predict_details`` returns: coords [N, top_k, 2], scores [N, top_k], maps
     [N, nlat, nlon] or None; per input the query-time ``signals`` {name: [N]} ('mode_score': the best
-    mode's score; 'top_similarity': a retrieval model's most similar gallery entry) and the effective
+    mode's score; a retrieval model's also its neighbours' ``query_signals``: 'top_similarity',
+    'similarity_gap', 'neighbour_agreement', 'neighbour_spread') and the effective
     inference ``settings`` (what a conformal calibration holds for), and the ``map_size`` asked for."""
 
     coords: Tensor
@@ -513,7 +514,7 @@ class LocDiff(nn.Module):
                     c = snap_to_neighbours(c, found[0], found[1], self.hybrid_km)
                 out_c.append(c.cpu())
                 if found is not None:
-                    out_sim.append(found[0][:, 0].double().cpu())
+                    out_sim.append(query_signals(*found))
                 out_s.append(s.cpu())
                 if return_map:
                     out_m.append(self.probability_map(samples, *map_size).cpu())
@@ -521,8 +522,8 @@ class LocDiff(nn.Module):
         maps = torch.cat(out_m) if return_map else None
         coords, scores = torch.cat(out_c), torch.cat(out_s)
         signals = {"mode_score": scores[:, 0].double().nan_to_num(neginf=0.0)}
-        if out_sim:
-            signals["top_similarity"] = torch.cat(out_sim)
+        for name in out_sim[0] if out_sim else ():
+            signals[name] = torch.cat([o[name] for o in out_sim])
         guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
         settings = {"prior_weight": float(w), "hybrid": hyb, "num_samples": S,
                     "steps": self.config.sample_steps if steps is None else steps, "guidance_scale": guidance,

@@ -136,7 +136,7 @@ def regions(val_run, val_coords, test_run, test_coords, seed):
     truth = test_coords.double().numpy()
     out = {"fit": cal.describe()}
     for label, c in [("raw", None), ("conformal", cal)]:
-        cov = conformal_coverage(c, t["maps"], truth, t["answers"], t["signals"].get(cal.signal))
+        cov = conformal_coverage(c, t["maps"], truth, t["answers"], t["signals"])
         out[label] = {str(p): row for p, row in cov.items()}
     return out
 

@@ -146,7 +146,7 @@ def test_cli_calibrate_then_predict_shows_the_radius(trained, tmp_path):
 
 def test_the_knn_density_is_run_as_a_model_is():
     """knn_run_with_maps: the density's own answers and maps, and the same candidate signals as a model's
-    (its answer's score and its best similarity), so that both are calibrated alike."""
+    (its answer's score and its neighbours' query_signals), so that both are calibrated alike."""
     from locdiff_ext.calibrate import knn_run_with_maps
     from locdiff_ext.model.retrieval import KNNDensity
 
@@ -157,6 +157,7 @@ def test_the_knn_density_is_run_as_a_model_is():
     run = knn_run_with_maps(knn, emb[:20], (45, 90))
     assert torch.allclose(run["answers"].double(), knn.predict(emb[:20]).double())
     assert torch.allclose(run["maps"].double(), knn.prob_map(emb[:20], 45, 90).double(), atol=1e-6)
-    assert set(run["signals"]) == {"mode_score", "top_similarity"}
+    assert set(run["signals"]) == {"mode_score", "top_similarity", "similarity_gap", "neighbour_agreement",
+                                   "neighbour_spread"}
     assert torch.allclose(run["signals"]["top_similarity"], torch.ones(20, dtype=torch.float64), atol=1e-5)  # itself
     assert bool(((run["signals"]["mode_score"] >= 0) & (run["signals"]["mode_score"] <= 1 + 1e-9)).all())

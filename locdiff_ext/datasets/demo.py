@@ -335,9 +335,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
         for method, run in runs.items():
             got = _locdiff_run(locdiff, None, cfg.seed, test_runs[split]) if method == locdiff_name else run(emb[idx])
             cal = fitted[method][0]
-            sig = got["signals"].get(cal.signal)
             for label, c in [("raw", None), ("conformal", cal)]:
-                cov = conformal_coverage(c, got["maps"], truth, got["answers"], sig, levels)
+                cov = conformal_coverage(c, got["maps"], truth, got["answers"], got["signals"], levels)
                 calibration.setdefault(split, {})[f"{method}, {label}"] = {p: cov[p] for p in (0.5, 0.9)}
                 curves[f"{method.split(' (')[0]}, {label}, {short}"] = (
                     levels, [cov[p]["coverage"] for p in levels], [(cov[p]["lo"], cov[p]["hi"]) for p in levels])

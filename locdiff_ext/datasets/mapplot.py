@@ -82,7 +82,7 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
     cal = model.calibration if model.calibration is not None and model.calibration.mismatch(out.settings) is None else None
     radius = None  # the conformal 90% radius around each answer, when the model is calibrated
     if cal is not None:
-        radius = cal.radius_km(0.9, cal.groups(out.signals.get(cal.signal, torch.zeros(len(coords))).numpy()))
+        radius = cal.radius_km(0.9, cal.groups(cal.signal_values(out.signals, len(coords))))
     bg = _background(PANEL_W, PANEL_H)
     rows = (len(crops) + columns - 1) // columns
     caption_h = 22

@@ -30,8 +30,10 @@ from ..checks import check_float, check_int
 from ..kernels.geometry import great_circle_km, grid_points, latlon_to_xyz
 from .calibration import _as_arrays, _check_level, _densities, cell_of
 
-VERSION = 1
-SIGNALS = ("none", "mode_score", "top_similarity")  # what a group is chosen by (known at query time)
+VERSION = 2  # 2 added the learnt 'localizability' signal (its score_model); version 1 files still load
+SIGNALS = ("none", "mode_score", "top_similarity", "localizability")  # what a group is chosen by
+FEATURES = ("mode_score", "top_similarity", "similarity_gap", "neighbour_agreement", "neighbour_spread")
+LEARN_SHARE = 1 / 3  # of the calibration items, those that fit the localizability score (then not used for cuts)
 SETTINGS = ("prior_weight", "hybrid", "num_samples", "steps", "guidance_scale", "aggregate", "map_sharpness")
 _EPS = 1e-12  # scores and cell masses are sums of float64 probabilities: equal up to this
 FLOOR = 1e-6  # the floor's share of a map's peak density: orders the cells of zero density by distance
@@ -204,6 +206,60 @@ def radius_scores(answers, truths) -> np.ndarray:
 # ---------------------------------------------------------------------- the fitted calibration
 
 
+def _signal(signals: Mapping[str, Any], name: str, n: int) -> np.ndarray:
+    if name not in signals:
+        raise ValueError(f"signals: the calibration needs {name!r}, which these predictions lack (a model without a "
+                         "gallery has only 'mode_score')")
+    v = signals[name]
+    v = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64).ravel()
+    if v.shape != (n,) or not np.isfinite(v).all():
+        raise ValueError(f"signals[{name!r}] must hold {n} finite values")
+    return v
+
+
+def _check_score_model(m: Any) -> Dict[str, Any]:
+    """A saved localizability score: {features, mean, scale, weights} (one float per feature), bias."""
+    if not isinstance(m, dict) or set(m) != {"features", "mean", "scale", "weights", "bias"}:
+        raise ValueError("calibration score_model must be {features, mean, scale, weights, bias}")
+    f = m["features"]
+    if not (isinstance(f, list) and f and all(x in FEATURES for x in f) and len(set(f)) == len(f)):
+        raise ValueError(f"calibration score_model features must be distinct names of {FEATURES}, got {f!r}")
+    out = {"features": list(f), "bias": check_float(m["bias"], "calibration score_model bias")}
+    for key in ("mean", "scale", "weights"):
+        if not (isinstance(m[key], list) and len(m[key]) == len(f)):
+            raise ValueError(f"calibration score_model {key} must hold {len(f)} numbers")
+        out[key] = [check_float(v, f"calibration score_model {key}[i]") for v in m[key]]
+    if min(out["scale"]) <= 0:
+        raise ValueError("calibration score_model scale must be positive")
+    return out
+
+
+def localizability(score_model: Mapping[str, Any], signals: Mapping[str, Any], n: int) -> np.ndarray:
+    """The learnt score [n] of predictions with ``signals`` {name: [n]} (``fit_localizability``'s model)."""
+    X = np.stack([_signal(signals, f, n) for f in score_model["features"]], axis=1)
+    z = (X - np.asarray(score_model["mean"])) / np.asarray(score_model["scale"])
+    return z @ np.asarray(score_model["weights"]) + score_model["bias"]
+
+
+def fit_localizability(features: Mapping[str, np.ndarray], region_s: np.ndarray, l2: float = 1e-2) -> Dict[str, Any]:
+    """A linear score of the query-time ``features`` {name: [n]} that predicts how little of the map lies
+    denser than the truth (minus a ridge regression of the region scores [n]: higher = more localizable).
+    Why learnt: no single signal tells seen from unseen inputs well enough for the groups to be pure
+    (BENCHMARKS 6); a combination of the neighbours' similarity and agreement does better."""
+    names = [f for f in FEATURES if f in features]
+    X = np.stack([features[f] for f in names], axis=1)
+    mean, scale = X.mean(0), X.std(0)
+    keep = scale > 1e-12  # a constant feature says nothing
+    names, X, mean, scale = [f for f, k in zip(names, keep) if k], X[:, keep], mean[keep], scale[keep]
+    if not names:
+        raise ValueError("fit_localizability: every feature is constant on these items")
+    Z = np.c_[(X - mean) / scale, np.ones(len(X))]
+    reg = l2 * len(X) * np.diag(np.r_[np.ones(len(names)), 0.0])
+    w = -np.linalg.solve(Z.T @ Z + reg, Z.T @ np.asarray(region_s, dtype=np.float64))
+    return _check_score_model({"features": names, "mean": mean.tolist(), "scale": scale.tolist(),
+                               "weights": w[:-1].tolist(), "bias": float(w[-1])})
+
+
 def _sorted_tuple(x) -> Tuple[float, ...]:
     return tuple(float(v) for v in np.sort(np.asarray(x, dtype=np.float64)))
 
@@ -222,6 +278,7 @@ class ConformalCalibration:
     map_size: Tuple[int, int]
     settings: Dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    score_model: Optional[Dict[str, Any]] = None  # for signal 'localizability': a linear score of FEATURES
 
     def __post_init__(self):
         if self.signal not in SIGNALS:
@@ -243,14 +300,26 @@ class ConformalCalibration:
         self.map_size = tuple(check_int(v, "calibration map_size[i]", 1, 1 << 16) for v in self.map_size)
         if not isinstance(self.settings, dict):
             raise TypeError("calibration settings must be a dict")
-        if self.version != VERSION:
-            raise ValueError(f"calibration version {self.version!r} is not supported (this package reads {VERSION})")
+        if self.version not in (1, VERSION):
+            raise ValueError(f"calibration version {self.version!r} is not supported (this package reads 1 and {VERSION})")
+        if (self.signal == "localizability") != (self.score_model is not None):
+            raise ValueError("calibration: signal 'localizability' needs its score_model, and only it has one")
+        if self.score_model is not None:
+            self.score_model = _check_score_model(self.score_model)
 
     # -- query time
     @property
     def sizes(self) -> Tuple[int, ...]:
         """Calibration items per group."""
         return tuple(len(s) for s in self.region)
+
+    def signal_values(self, signals: Mapping[str, Any], n: int) -> np.ndarray:
+        """The grouping signal [n] of ``n`` predictions from their ``signals`` {name: [n]} (``Prediction``'s)."""
+        if self.signal == "none":
+            return np.zeros(n)
+        if self.signal != "localizability":
+            return _signal(signals, self.signal, n)
+        return localizability(self.score_model, signals, n)
 
     def groups(self, signal_values) -> np.ndarray:
         """The group [N] of inputs whose signal is ``signal_values`` [N] (ignored for signal 'none')."""
@@ -291,24 +360,27 @@ class ConformalCalibration:
 
     # -- persistence
     def to_dict(self) -> Dict[str, Any]:
-        return {"version": self.version, "signal": self.signal, "edges": list(self.edges),
+        return {"version": VERSION, "signal": self.signal, "edges": list(self.edges),
                 "region": [list(s) for s in self.region], "radius": [list(s) for s in self.radius],
-                "map_size": list(self.map_size), "settings": dict(self.settings)}
+                "map_size": list(self.map_size), "settings": dict(self.settings), "score_model": self.score_model}
 
     @classmethod
     def from_dict(cls, d: Any) -> "ConformalCalibration":
         if not isinstance(d, dict):
             raise TypeError(f"calibration: expected a JSON object, got {type(d).__name__}")
         known = {"version", "signal", "edges", "region", "radius", "map_size", "settings"}
+        if d.get("version") != 1:
+            known.add("score_model")
         if set(d) != known:
             raise ValueError(f"calibration: expected keys {sorted(known)}, got {sorted(d)}")
-        if d["version"] != VERSION:
-            raise ValueError(f"calibration version {d['version']!r} is not supported (this package reads {VERSION})")
+        if d["version"] not in (1, VERSION):
+            raise ValueError(f"calibration version {d['version']!r} is not supported (this package reads 1 and {VERSION})")
         for key in ("edges", "region", "radius", "map_size"):
             if not isinstance(d[key], list):
                 raise TypeError(f"calibration {key} must be a list")
         return cls(d["signal"], tuple(d["edges"]), tuple(tuple(s) for s in d["region"]),
-                   tuple(tuple(s) for s in d["radius"]), tuple(d["map_size"]), dict(d["settings"]), d["version"])
+                   tuple(tuple(s) for s in d["radius"]), tuple(d["map_size"]), dict(d["settings"]), d["version"],
+                   d.get("score_model"))
 
     def describe(self) -> str:
         g = "one group" if len(self.sizes) == 1 else f"{len(self.sizes)} groups by {self.signal}"
@@ -324,7 +396,8 @@ def _edges(values: np.ndarray, groups: int) -> Tuple[float, ...]:
     return tuple(sorted(set(float(q) for q in qs)))
 
 
-def _fit_groups(signal: str, values, region_s, radius_s, idx, groups: int, map_size, settings) -> ConformalCalibration:
+def _fit_groups(signal: str, values, region_s, radius_s, idx, groups: int, map_size, settings,
+                score_model=None) -> ConformalCalibration:
     edges = () if signal == "none" else _edges(values[idx], groups)
     g = np.searchsorted(np.asarray(edges), values[idx], side="right")
     parts = [idx[g == i] for i in range(len(edges) + 1)]
@@ -333,19 +406,25 @@ def _fit_groups(signal: str, values, region_s, radius_s, idx, groups: int, map_s
         edges = tuple(edges[i - 1] for i in keep[1:])
         parts = [parts[i] for i in keep]
     return ConformalCalibration(signal, edges, tuple(region_s[p] for p in parts), tuple(radius_s[p] for p in parts),
-                                map_size, dict(settings))
+                                map_size, dict(settings), VERSION, score_model if signal == "localizability" else None)
 
 
 def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any]] = None,
                   settings: Optional[Mapping[str, Any]] = None, min_group: int = 100, max_groups: int = 4,
                   seed: int = 0) -> Tuple[ConformalCalibration, Dict[str, Any]]:
     """Fits the regions and radius on calibration items (never the test items): maps [N, nlat, nlon],
-    truths [N, 2], answers [N, 2], ``signals`` {name in SIGNALS: values [N]} known at query time.
+    truths [N, 2], answers [N, 2], ``signals`` {name in FEATURES: values [N]} known at query time (a
+    ``Prediction``'s).
 
     Groups: up to ``max_groups`` quantile bins of one signal, at least ``min_group`` items each.  The
-    signal is chosen on the calibration data by two-fold cross-fitting (fit on one half, measure the other):
-    the one whose 90% regions are smallest (geometric mean area), ties to 'none' (coverage holds by
-    construction for every choice, so the choice is about size).  Returns (calibration, report)."""
+    candidates: none, 'mode_score', 'top_similarity' and, where neighbour features are given, the learnt
+    'localizability' (``fit_localizability``), fitted on a random third of the items (LEARN_SHARE), which
+    then take no part in its cuts: a score fitted on the items it groups would not be exchangeable with a
+    new input's.  The signal is chosen by two-fold cross-fitting on the other items (fit on one half,
+    measure the other): the one whose 90% regions are smallest (geometric mean area), ties to 'none'
+    (coverage holds by construction for every choice, so the choice is about size).  The chosen signal's
+    cuts are fitted on all items (the localizability's: on all but its learning third).  Returns
+    (calibration, report)."""
     maps, truths = _as_arrays(prob_maps, truths)
     check_int(min_group, "min_group", 1)
     check_int(max_groups, "max_groups", 1, 64)
@@ -353,40 +432,53 @@ def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any
     answers = _answers(answers, N)
     region_s = region_scores(maps, truths, answers)
     radius_s = radius_scores(answers, truths)
-    cands = {"none": np.zeros(N)}
-    for name, v in (signals or {}).items():
-        if name not in SIGNALS or name == "none":
-            raise ValueError(f"signals: unknown signal {name!r} (known: {SIGNALS[1:]})")
-        v = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64).ravel()
-        if v.shape != (N,) or not np.isfinite(v).all():
-            raise ValueError(f"signals[{name!r}] must hold {N} finite values")
-        cands[name] = v
+    feats = {}
+    for name in signals or {}:
+        if name not in FEATURES:
+            raise ValueError(f"signals: unknown signal {name!r} (known: {FEATURES})")
+        feats[name] = _signal(signals, name, N)
+    cands = {"none": np.zeros(N), **{k: v for k, v in feats.items() if k in SIGNALS}}
     settings = dict(settings or {})
     report: Dict[str, Any] = {"n": N, "candidates": {}}
     rng = np.random.default_rng(seed)
     perm = rng.permutation(N)
-    halves = (np.sort(perm[: N // 2]), np.sort(perm[N // 2:]))
+    pool, rest, score_model = np.arange(N), np.arange(N), None  # pool: the items the candidates are compared on
+    n_learn = int(N * LEARN_SHARE)
+    if set(feats) - {"mode_score"} and n_learn >= 100 and N - n_learn >= 2 * min_group:
+        learn, rest = np.sort(perm[:n_learn]), np.sort(perm[n_learn:])
+        try:
+            score_model = fit_localizability({k: v[learn] for k, v in feats.items()}, region_s[learn])
+        except ValueError:  # every feature constant
+            rest = np.arange(N)
+        else:
+            cands["localizability"] = localizability(score_model, feats, N)
+            pool = rest
+            report["learn_items"] = n_learn
+    p = perm if score_model is None else rng.permutation(pool)
+    halves = (np.sort(p[: len(p) // 2]), np.sort(p[len(p) // 2:]))
     names = list(cands)
     cut = np.full((N, len(names)), np.nan)  # each item's 90% cut by the fit on the other half, per candidate
-    groups = max(1, min(max_groups, (N // 2) // min_group))
+    groups = max(1, min(max_groups, (len(pool) // 2) // min_group))
     for c, name in enumerate(names):
         for a, b in (halves, halves[::-1]):
             if a.size < needed_items(0.9) or b.size == 0:
                 break
-            cal = _fit_groups(name, cands[name], region_s, radius_s, a, groups, maps.shape[1:], settings)
+            cal = _fit_groups(name, cands[name], region_s, radius_s, a, groups, maps.shape[1:], settings, score_model)
             try:
                 cut[b, c] = cal.region_threshold(0.9, cal.groups(cands[name][b]))
             except ValueError:  # a group too small for 90%
                 cut[b, c] = np.nan
+    cut = cut[pool]
     ok = ~np.isnan(cut).any(axis=0)
     if ok.any():
-        areas = _scan(maps, answers, thresholds=np.where(np.isnan(cut), 1.0, cut))[1]
+        areas = _scan(maps[pool], answers[pool], thresholds=np.where(np.isnan(cut), 1.0, cut))[1]
     for c, name in enumerate(names):
         report["candidates"][name] = float(np.exp(np.log(areas[:, c]).mean())) if ok[c] else float("nan")
     finite = {k: a for k, a in report["candidates"].items() if np.isfinite(a)}
     chosen = min(finite, key=lambda k: (finite[k] * (1 - 1e-9 if k == "none" else 1.0), k)) if finite else "none"
-    groups = max(1, min(max_groups, N // min_group)) if chosen != "none" else 1
-    cal = _fit_groups(chosen, cands[chosen], region_s, radius_s, np.arange(N), groups, maps.shape[1:], settings)
+    idx = rest if chosen == "localizability" else np.arange(N)
+    groups = max(1, min(max_groups, len(idx) // min_group)) if chosen != "none" else 1
+    cal = _fit_groups(chosen, cands[chosen], region_s, radius_s, idx, groups, maps.shape[1:], settings, score_model)
     report.update(chosen=chosen, sizes=cal.sizes)
     return cal, report
 
@@ -417,7 +509,8 @@ def conformal_coverage(cal: Optional[ConformalCalibration], prob_maps, truths, a
                        levels: Sequence[float] = (0.5, 0.9)) -> Dict[float, Dict[str, float]]:
     """On test items: per level, the share of truths inside the region (with its 95% Wilson interval),
     the median region area, the same for the radius, and (``per_group``) the coverage within each of the
-    calibration's groups, lowest signal first.  ``cal`` None: the raw maps' own regions (no radius, no groups)."""
+    calibration's groups, lowest signal first.  ``signal_values``: the grouping signal [N], or the
+    predictions' signals {name: [N]}.  ``cal`` None: the raw maps' own regions (no radius, no groups)."""
     maps, truths = _as_arrays(prob_maps, truths)
     N = maps.shape[0]
     answers = _answers(answers, N)
@@ -427,6 +520,8 @@ def conformal_coverage(cal: Optional[ConformalCalibration], prob_maps, truths, a
         cuts = np.tile(np.array(levels) - 2 * _EPS, (N, 1))
     else:
         cal.check_map_size(maps.shape[1:])
+        if isinstance(signal_values, Mapping):  # a prediction's signals: the calibration's own signal of them
+            signal_values = cal.signal_values(signal_values, N)
         g = cal.groups(np.zeros(N) if signal_values is None else signal_values)
         cuts = np.stack([cal.region_threshold(p, g) for p in levels], axis=1)
     scores, areas = _scan(maps, answers, truths, cuts)
@@ -469,6 +564,6 @@ def coverage_table(rows: Mapping[str, Mapping[float, Mapping[str, float]]], leve
     return "\n".join(out)
 
 
-__all__ = ["ConformalCalibration", "fit_conformal", "conformal_quantile", "conformal_rank", "needed_items",
+__all__ = ["ConformalCalibration", "fit_conformal", "fit_localizability", "localizability", "FEATURES", "conformal_quantile", "conformal_rank", "needed_items",
            "region_scores", "region_masks", "region_areas_km2", "radius_scores", "wilson_interval",
            "conformal_coverage", "coverage_table", "SIGNALS", "SETTINGS"]

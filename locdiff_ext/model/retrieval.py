@@ -24,7 +24,7 @@ not grow with the gallery.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -218,6 +218,28 @@ def neighbour_features(sims: Tensor, coords: Tensor, shdd: nn.Module, temperatur
     return torch.where(ok, sims.float(), torch.full_like(sims.float(), -1.0)), prior
 
 
+SIGNAL_K = 8  # the neighbours whose agreement the query-time signals describe
+AGREE_KM = 600.0  # "agrees with the best neighbour": within this distance of it
+
+
+def query_signals(sims: Tensor, coords: Tensor) -> Dict[str, Tensor]:
+    """How localizable each query looks from its neighbours (``sims`` [B, K] best first, -inf where
+    missing; ``coords`` [B, K, 2]), float64 [B] each: 'top_similarity'; 'similarity_gap', the best minus
+    the 8th similarity; 'neighbour_agreement', the share of the best 8 within 600 km of the best;
+    'neighbour_spread', log(1 + the median distance in km of the best 8 to the best).  Why: an input whose
+    lookalikes agree on a place is one the gallery has seen (a conformal calibration groups inputs by
+    these, ``evaluation.conformal``).  Missing neighbours count as similarity -1, 20,000 km away."""
+    k = min(SIGNAL_K, sims.shape[1])
+    s = sims[:, :k].double().cpu()
+    ok = torch.isfinite(s)
+    s = torch.where(ok, s, torch.full_like(s, -1.0))
+    c = coords[:, :k].double().cpu()
+    d = great_circle_km(c.reshape(-1, 2), c[:, :1].expand(-1, k, -1).reshape(-1, 2)).reshape(-1, k)
+    d = torch.where(ok & ok[:, :1] & torch.isfinite(d), d, torch.full_like(d, 20_000.0))
+    return {"top_similarity": s[:, 0], "similarity_gap": s[:, 0] - s[:, -1],
+            "neighbour_agreement": (d <= AGREE_KM).double().mean(1), "neighbour_spread": torch.log1p(d.median(1).values)}
+
+
 def neighbour_density(sims: Tensor, coords: Tensor, shdd: nn.Module, k: int, temperature: float) -> Tensor:
     """The kNN density of the best ``k`` of the neighbours (``sims`` [B, K'] best first, ``coords`` [B, K', 2]):
     the softmax(similarity / temperature)-weighted mean of their SHDD vectors [B, (L+1)^2], the
@@ -278,4 +300,4 @@ class KNNDensity:
 
 
 __all__ = ["Gallery", "holdout_draws", "sample_holdout", "visible_neighbours", "holdout_shortfall", "neighbour_features",
-           "neighbour_density", "snap_to_neighbours", "KNNDensity"]
+           "neighbour_density", "snap_to_neighbours", "KNNDensity", "query_signals"]
