@@ -411,16 +411,16 @@ def _fit_groups(signal: str, values, region_s, radius_s, idx, groups: int, map_s
 
 def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any]] = None,
                   settings: Optional[Mapping[str, Any]] = None, min_group: int = 100, max_groups: int = 4,
-                  seed: int = 0) -> Tuple[ConformalCalibration, Dict[str, Any]]:
+                  seed: int = 0, learn: bool = True) -> Tuple[ConformalCalibration, Dict[str, Any]]:
     """Fits the regions and radius on calibration items (never the test items): maps [N, nlat, nlon],
     truths [N, 2], answers [N, 2], ``signals`` {name in FEATURES: values [N]} known at query time (a
     ``Prediction``'s).
 
     Groups: up to ``max_groups`` quantile bins of one signal, at least ``min_group`` items each.  The
     candidates: none, 'mode_score', 'top_similarity' and, where neighbour features are given, the learnt
-    'localizability' (``fit_localizability``), fitted on a random third of the items (LEARN_SHARE), which
-    then take no part in its cuts: a score fitted on the items it groups would not be exchangeable with a
-    new input's.  The signal is chosen by two-fold cross-fitting on the other items (fit on one half,
+    'localizability' (``fit_localizability``; ``learn=False`` leaves it out), fitted on a random third of
+    the items (LEARN_SHARE), which then take no part in its cuts: a score fitted on the items it groups
+    would not be exchangeable with a new input's.  The signal is chosen by two-fold cross-fitting on the other items (fit on one half,
     measure the other): the one whose 90% regions are smallest (geometric mean area), ties to 'none'
     (coverage holds by construction for every choice, so the choice is about size).  The chosen signal's
     cuts are fitted on all items (the localizability's: on all but its learning third).  Returns
@@ -444,7 +444,7 @@ def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any
     perm = rng.permutation(N)
     pool, rest, score_model = np.arange(N), np.arange(N), None  # pool: the items the candidates are compared on
     n_learn = int(N * LEARN_SHARE)
-    if set(feats) - {"mode_score"} and n_learn >= 100 and N - n_learn >= 2 * min_group:
+    if learn and set(feats) - {"mode_score"} and n_learn >= 100 and N - n_learn >= 2 * min_group:
         learn, rest = np.sort(perm[:n_learn]), np.sort(perm[n_learn:])
         try:
             score_model = fit_localizability({k: v[learn] for k, v in feats.items()}, region_s[learn])

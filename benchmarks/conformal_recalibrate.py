@@ -1,0 +1,97 @@
+"""The Blue Marble protocol's trained models, calibrated again: single signals against the learnt
+localizability score (issue 25).  Same models, same validation and test crops; only the calibration differs.
+
+For each seed's saved run (python/bluemarble_protocol.py --out DIR), the saved LocDiff-R model (at the
+inference settings chosen on validation and saved with it) and the kNN density (k, T as chosen then) are run
+on the validation crops (the calibration data) and the test crops; two calibrations are fitted on the
+validation crops: with the single signals of the first round (none / mode_score / top_similarity) and with
+every query-time signal (the learnt 'localizability' offered too).  Coverage per test split at 50 / 90%
+with Wilson intervals, the median 90% area, and coverage within each group.
+
+    python benchmarks/conformal_recalibrate.py --runs /work/runs/conformal --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from locdiff_ext.calibrate import knn_run_with_maps, run_as_numpy, run_with_maps
+from locdiff_ext.datasets.demo import MAP_SIZE, DemoConfig, _eval_subset, build_dataset, image_features, validation_sets
+from locdiff_ext.evaluation.conformal import conformal_coverage, fit_conformal
+from locdiff_ext.locdiff import LocDiff
+from locdiff_ext.model.retrieval import KNNDensity
+
+SINGLE = ("mode_score", "top_similarity")
+
+
+def one_seed(run: Path, encoder: str, seed: int) -> dict:
+    results = json.loads((run / "demo" / "results.json").read_text())
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items() if k in known})
+    assert cfg.seed == seed and cfg.encoder == encoder, (cfg.seed, cfg.encoder)
+    data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=cfg.seed)
+    _, emb = image_features(data, cfg, False)
+    coords = torch.from_numpy(data.coords)
+    tr = data.splits["train"]
+    val, _ = validation_sets(data, cfg)
+    val_all = np.concatenate(list(val.values()))
+    model = LocDiff.from_pretrained(run / "demo-model")
+    knn = KNNDensity(emb[tr], coords[tr], L=cfg.L, **results["validation"]["knn_density_chosen"])
+    runs = {"LocDiff-R (saved settings)": lambda e: run_as_numpy(run_with_maps(model, e, MAP_SIZE, seed=cfg.seed)),
+            "kNN density": lambda e: run_as_numpy(knn_run_with_maps(knn, e, MAP_SIZE))}
+    tests = {s: _eval_subset(data.splits[s], n, cfg.seed)
+             for s, n in (("test_region", cfg.eval_region), ("test_random", cfg.eval_random))}
+    out = {}
+    for method, go in runs.items():
+        v = go(emb[val_all])
+        got = {s: go(emb[idx]) for s, idx in tests.items()}
+        for label, names in (("single signals", SINGLE), ("learnt localizability", None)):
+            sig = v["signals"] if names is None else {k: x for k, x in v["signals"].items() if k in names}
+            cal, report = fit_conformal(v["maps"], coords[val_all].numpy(), v["answers"], sig, v["settings"], seed=cfg.seed,
+                                        learn=names is None)
+            row = {"signal": cal.signal, "sizes": cal.sizes, "candidates": report["candidates"]}
+            for s, idx in tests.items():
+                cov = conformal_coverage(cal, got[s]["maps"], coords[idx].numpy(), got[s]["answers"], got[s]["signals"])
+                row[s] = {str(p): cov[p] for p in (0.5, 0.9)}
+            out[f"{method}, {label}"] = row
+            print(f"seed {seed} | {method}, {label} | {cal.describe()} | " + " | ".join(
+                f"{s} {p:.0%}: {100 * row[s][str(p)]['coverage']:.1f} [{100 * row[s][str(p)]['lo']:.1f}, "
+                f"{100 * row[s][str(p)]['hi']:.1f}]" for s in tests for p in (0.5, 0.9)), flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", required=True, help="the protocol's --out directory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--encoder", default="efficientnet")
+    ap.add_argument("--out", help="JSON of every figure (default: RUNS/recalibrated.json)")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    res = {s: one_seed(Path(args.runs) / f"{args.encoder}_seed{s}", args.encoder, s) for s in args.seeds}
+    path = Path(args.out or Path(args.runs) / "recalibrated.json")
+    path.write_text(json.dumps(res, indent=1))
+    print("\n| seed | method, calibration | groups | unseen 50% | unseen 90% | seen 50% | seen 90% | 90% median area, "
+          "unseen / seen (million km^2) |\n|---|---|---|---:|---:|---:|---:|---:|")
+    for s, rows in res.items():
+        for name, r in rows.items():
+            cells = [f"{100 * r[t][p]['coverage']:.1f} [{100 * r[t][p]['lo']:.1f}, {100 * r[t][p]['hi']:.1f}]"
+                     for t in ("test_region", "test_random") for p in ("0.5", "0.9")]
+            area = " / ".join(f"{r[t]['0.9']['median_area_km2'] / 1e6:.2f}" for t in ("test_region", "test_random"))
+            print(f"| {s} | {name} | {r['signal']} {list(r['sizes'])} | " + " | ".join(cells) + f" | {area} |")
+    print("\nWithin each group (90%, lowest signal first; n test items):")
+    for s, rows in res.items():
+        for name, r in rows.items():
+            print(f"- seed {s}, {name}: " + "; ".join(f"{t}: " + ", ".join(
+                f"{100 * g['coverage']:.1f}% (n={g['n']})" if g["n"] else "- (n=0)" for g in r[t]["0.9"]["per_group"])
+                for t in ("test_region", "test_random")))
+
+
+if __name__ == "__main__":
+    main()
