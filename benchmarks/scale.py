@@ -5,12 +5,15 @@ geolocate against galleries of 100k to 5M rows, on synthetic rows that carry loc
 Each phase runs in its own process, so that its peak RSS (ru_maxrss: resident pages, the store's mapped
 pages that were touched included) is its own:
   store     write the N x D float16 store (build time, peak RSS, bytes on disk)
-  index     the gallery index (exact up to 200k x 768 cells, else PCA + IVF + SQ8 FAISS) and every row's
+  index     the gallery index (exact up to 200k x 768 cells, else IVF + SQ8 FAISS) and every row's
             top-64 neighbour list (time, peak RSS, recall@8 of the index against exact search)
   plain     plain LocDiff trained on the store: ms/step, step checkpoint size, peak RSS
   retrieval LocDiff-R (k = 8) trained on the store: the same, and final/'s size
   geolocate the LocDiff-R model loaded back: inputs/s of geolocate at the demo's sampling settings
             (16 samples, DPM-Solver++ 10 steps), peak RSS
+  gallery   (not run by default) the saved index opened as a model opens it (memory-mapped): its resident
+            memory, search time and recall@8 at nprobe 16 and 32, and geolocate against it with the LocDiff-R
+            model of --model (e.g. one trained at 10k: the network's cost does not depend on the gallery)
 The model is the demo's network (L = 32, widths 512/256/128), batch 256.  Prints one JSON line per phase
 and a Markdown row per N.
 
@@ -31,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = ("store", "index", "plain", "retrieval", "geolocate")
+PHASES = ("store", "index", "plain", "retrieval", "geolocate", "gallery")
 
 
 def peak_rss_gb() -> float:
@@ -139,6 +142,30 @@ def phase(name: str, args) -> dict:
         t1 = time.perf_counter()
         ld.geolocate(q, model=model, batch_size=64)
         out.update(inputs_per_s=len(q) / (time.perf_counter() - t1), index=model.gallery.index.kind)
+    elif name == "gallery":
+        import locdiff_ext as ld
+        from locdiff_ext.data.index import GalleryIndex, exact_search
+
+        store = EmbeddingStore(store_dir)
+        index = GalleryIndex.load(store)
+        out.update(load_seconds=time.perf_counter() - t0, kind=index.kind, refine=index.refine,
+                   **{f"after_load_{k}": v for k, v in rss_parts_gb().items()})
+        q = torch.from_numpy(world.rows(10**9, 1000)[0])  # the index phase's queries
+        q = q / q.norm(dim=1, keepdim=True)
+        _, truth = exact_search(store, q, 8)
+        for nprobe in (16, 32):
+            t1 = time.perf_counter()
+            _, got = index.search(q, 8, nprobe=nprobe)
+            out[f"search_ms_per_query_nprobe{nprobe}"] = 1e3 * (time.perf_counter() - t1) / len(q)
+            out[f"recall_at_8_nprobe{nprobe}"] = sum(len(set(g.tolist()) & set(t.tolist())) for g, t in zip(got, truth)) / truth.numel()
+        if args.model:
+            model = ld.LocDiff.from_pretrained(args.model)
+            model.set_gallery(index)
+            q = torch.from_numpy(world.rows(2 * 10**9, args.queries)[0])
+            ld.geolocate(q[:64], model=model)  # warm-up
+            t1 = time.perf_counter()
+            ld.geolocate(q, model=model, batch_size=64)
+            out.update(inputs_per_s=len(q) / (time.perf_counter() - t1), model=str(args.model))
     out["peak_rss_gb"] = peak_rss_gb()
     out.update(rss_parts_gb())
     return out
@@ -155,7 +182,8 @@ def main():
     ap.add_argument("--lists-k", type=int, default=64, help="neighbour candidates K' per training row")
     ap.add_argument("--reuse-index", action="store_true", help="load an index an earlier run saved instead of building")
     ap.add_argument("--dir", required=True, help="where stores and runs are written (N x D x 2 bytes each)")
-    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--phases", nargs="+", default=list(PHASES[:-1]), choices=PHASES)
+    ap.add_argument("--model", help="gallery phase: a LocDiff-R model directory to geolocate with against the gallery")
     ap.add_argument("--keep", action="store_true", help="keep the stores and runs")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -174,6 +202,7 @@ def main():
                    str(args.steps), "--queries", str(args.queries), "--dir", args.dir, "--lists-k", str(args.lists_k)]
             cmd += (["--small"] if args.small else []) + (["--index", args.index] if args.index else [])
             cmd += ["--reuse-index"] if args.reuse_index else []
+            cmd += ["--model", args.model] if args.model else []
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
