@@ -8,7 +8,11 @@ validation crops: with the single signals of the first round (none / mode_score 
 every query-time signal (the learnt 'localizability' offered too).  Coverage per test split at 50 / 90%
 with Wilson intervals, the median 90% area, and coverage within each group.
 
-    python benchmarks/conformal_recalibrate.py --runs /work/runs/conformal --seeds 0 1 2
+    python benchmarks/conformal_recalibrate.py --runs runs/conformal --seeds 0 1 2
+
+``--text DIR`` does the same for python/text_benchmark.py's saved models (``--out DIR``, one split a
+directory or both in one): the anchored LocDiff-R of each split and seed on that split's validation places
+(calibration) and test places.
 """
 
 from __future__ import annotations
@@ -66,14 +70,58 @@ def one_seed(run: Path, encoder: str, seed: int) -> dict:
     return out
 
 
+def text_split(run: Path, split: str, seeds) -> dict:
+    """One text-benchmark split: its saved models (with the settings chosen on validation) calibrated twice."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+    from text_benchmark import SPLITS, embedded, make_split  # the recipe's own split and embedding cache
+
+    from locdiff_ext.datasets.geonames import load_places
+
+    args = json.loads((run / "results.json").read_text())["args"]
+    rng = np.random.default_rng(args["data_seed"])
+    places = load_places()
+    places = [places[i] for i in rng.choice(len(places), min(args["places"], len(places)), replace=False)]
+    n_val, n_test = int(round(len(places) * 0.1)), int(round(len(places) * 0.15))
+    data = embedded(make_split(places, split, n_val, n_test, np.random.default_rng([args["data_seed"], SPLITS.index(split)])),
+                    run / f"embeddings-{split}-{args['data_seed']}-{len(places)}.pt")
+    (va_e, va_c, _), (te_e, te_c, _) = data["val"], data["test"]
+    out = {}
+    for seed in seeds:
+        model = LocDiff.from_pretrained(run / f"model-{split}-seed{seed}")
+        v = run_as_numpy(run_with_maps(model, va_e, seed=seed))
+        t = run_as_numpy(run_with_maps(model, te_e, seed=seed))
+        for label, learn in (("single signals", False), ("learnt localizability", True)):
+            cal, _ = fit_conformal(v["maps"], va_c.double().numpy(), v["answers"], v["signals"], v["settings"],
+                                   seed=seed, learn=learn)
+            cov = conformal_coverage(cal, t["maps"], te_c.double().numpy(), t["answers"], t["signals"])
+            row = {"signal": cal.signal, "sizes": cal.sizes, **{str(p): cov[p] for p in (0.5, 0.9)}}
+            out[f"seed {seed}, {label}"] = row
+            print(f"{split} | seed {seed} | {label} | {cal.describe()} | " + " | ".join(
+                f"{p:.0%}: {100 * cov[p]['coverage']:.1f} [{100 * cov[p]['lo']:.1f}, {100 * cov[p]['hi']:.1f}], "
+                f"area {cov[p]['median_area_km2'] / 1e6:.3g}" for p in (0.5, 0.9)), flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", required=True, help="the protocol's --out directory")
+    ap.add_argument("--runs", help="the protocol's --out directory")
+    ap.add_argument("--text", nargs="+", help="text_benchmark.py --out directories (their splits' saved models)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--encoder", default="efficientnet")
     ap.add_argument("--out", help="JSON of every figure (default: RUNS/recalibrated.json)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.text:
+        res = {}
+        for d in args.text:
+            for split in json.loads((Path(d) / "results.json").read_text())["args"]["splits"]:
+                res[split] = text_split(Path(d), split, args.seeds)
+        Path(args.out or Path(args.text[0]) / "recalibrated.json").write_text(json.dumps(res, indent=1))
+        return
+    if not args.runs:
+        ap.error("--runs or --text is needed")
     res = {s: one_seed(Path(args.runs) / f"{args.encoder}_seed{s}", args.encoder, s) for s in args.seeds}
     path = Path(args.out or Path(args.runs) / "recalibrated.json")
     path.write_text(json.dumps(res, indent=1))
