@@ -21,6 +21,7 @@ from locdiff_ext.datasets.demo import MAP_SIZE, DemoConfig, build_dataset, image
 from locdiff_ext.evaluation.conformal import conformal_quantile, radius_scores, region_scores
 from locdiff_ext.kernels.geometry import great_circle_km, unit_rows
 from locdiff_ext.locdiff import LocDiff
+from locdiff_ext.model.retrieval import query_signals
 
 
 def auc(y: np.ndarray, x: np.ndarray) -> float:
@@ -37,12 +38,14 @@ def auc(y: np.ndarray, x: np.ndarray) -> float:
 
 def features(model: LocDiff, emb: torch.Tensor) -> dict:
     sims, nc = model.gallery.search(unit_rows(emb.float()), 64)
-    out = {"top similarity": sims[:, 0], "gap to 8th": sims[:, 0] - sims[:, 7], "gap to 64th": sims[:, 0] - sims[:, 63],
-           "mean of top 8": sims[:, :8].mean(1)}
-    for k in (8, 64):
-        d = great_circle_km(nc[:, :k].reshape(-1, 2).double(), nc[:, 0].repeat_interleave(k, 0).double()).reshape(-1, k)
-        out[f"share of top {k} within 600 km of the 1st"] = (d < 600).double().mean(1)
-        out[f"log median distance of top {k} to the 1st"] = -torch.log1p(d.median(1).values)
+    q = query_signals(sims, nc)  # the top-8 signals every prediction carries
+    out = {"top similarity": q["top_similarity"], "gap to 8th": q["similarity_gap"],
+           "gap to 64th": sims[:, 0] - sims[:, 63], "mean of top 8": sims[:, :8].mean(1),
+           "share of top 8 within 600 km of the 1st": q["neighbour_agreement"],
+           "log median distance of top 8 to the 1st": -q["neighbour_spread"]}
+    d = great_circle_km(nc.reshape(-1, 2).double(), nc[:, 0].repeat_interleave(64, 0).double()).reshape(-1, 64)
+    out["share of top 64 within 600 km of the 1st"] = (d < 600).double().mean(1)
+    out["log median distance of top 64 to the 1st"] = -torch.log1p(d.median(1).values)
     return {k: v.double().numpy() for k, v in out.items()}
 
 

@@ -498,7 +498,7 @@ class LocDiff(nn.Module):
                    + (cond.shape[0] * map_size[0] * map_size[1] * 8 if return_map else 0),
                    cond.device, "num_samples/batch_size/map_size")
         seeds = input_seeds(raw[0], seed)
-        out_c, out_s, out_m, out_sim = [], [], [], []
+        out_c, out_s, out_m, out_sig = [], [], [], []
         with Progress(cond.shape[0], "predict", "input", enabled=progress) as bar:
             for i in range(0, cond.shape[0], batch_size):
                 gens = [torch.Generator().manual_seed(v) for v in seeds[i:i + batch_size]]
@@ -514,7 +514,7 @@ class LocDiff(nn.Module):
                     c = snap_to_neighbours(c, found[0], found[1], self.hybrid_km)
                 out_c.append(c.cpu())
                 if found is not None:
-                    out_sim.append(query_signals(*found))
+                    out_sig.append(query_signals(*found))
                 out_s.append(s.cpu())
                 if return_map:
                     out_m.append(self.probability_map(samples, *map_size).cpu())
@@ -522,8 +522,8 @@ class LocDiff(nn.Module):
         maps = torch.cat(out_m) if return_map else None
         coords, scores = torch.cat(out_c), torch.cat(out_s)
         signals = {"mode_score": scores[:, 0].double().nan_to_num(neginf=0.0)}
-        for name in out_sim[0] if out_sim else ():
-            signals[name] = torch.cat([o[name] for o in out_sim])
+        for name in out_sig[0] if out_sig else ():
+            signals[name] = torch.cat([o[name] for o in out_sig])
         guidance = self.default_guidance if guidance_scale is None else float(guidance_scale)
         settings = {"prior_weight": float(w), "hybrid": hyb, "num_samples": S,
                     "steps": self.config.sample_steps if steps is None else steps, "guidance_scale": guidance,
