@@ -165,7 +165,7 @@ def _train(args) -> int:
     val = _load_data(args.val, args.val_coords) if args.val else None
     model_cfg = dict(cfg_file.get("model", {}))
     model_cfg["cond_dim"] = data.dim
-    for key in ("L", "widths", "dropout", "loss", "prediction", "cond_drop_prob", "retrieval_k"):
+    for key in ("L", "widths", "dropout", "loss", "prediction", "cond_drop_prob", "retrieval_k", "retrieval_metric"):
         if getattr(args, key) is not None:
             model_cfg[key] = getattr(args, key)
     train_cfg = dict(cfg_file.get("train", {}))
@@ -353,6 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prediction", choices=["x0", "epsilon"])
     p.add_argument("--cond-drop-prob", type=float)
     p.add_argument("--retrieval-k", type=int, help="LocDiff-R: condition on the k most similar training rows (default 0)")
+    p.add_argument("--retrieval-metric", choices=("cosine", "learned"),
+                   help="LocDiff-R's search: cosine similarity (default) or a query map fitted on the training rows")
     p.add_argument("--steps", type=int, help="optimisation steps (default: about 50 epochs, 1,000 to 20,000)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

@@ -33,6 +33,7 @@ from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSa
                               mse_loss)
 from .model.retrieval import (Gallery, neighbour_density, neighbour_features, query_signals, sample_holdout,
                               snap_to_neighbours, visible_neighbours)
+from .model.metric import QueryMap
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
 from .progress import Progress
@@ -42,6 +43,7 @@ LOSSES = ("shdd_kl", "mse")
 SAMPLERS = ("ddim", "ddpm", "dpm++")
 HYBRID_CANDIDATES = 64  # the neighbours LocDiff-H may snap a mode to (snap_to_neighbours)
 MAX_WIDTH = 1 << 16  # bound on cond_dim, time_dim and CS-UNet widths: a 65536^2 layer is already 16 GiB
+RETRIEVAL_METRICS = ("cosine", "learned")  # how LocDiff-R searches its gallery (search_neighbours)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class LocDiffConfig:
     retrieval_k: int = 0                            # > 0: condition on the k most similar gallery entries
     retrieval_holdout_km: float = 1000.0            # training hold-out caps' radii up to this (locdiff_ext.model.retrieval)
     retrieval_temperature: float = 0.03             # softmax temperature of the neighbours' density prior
+    retrieval_metric: str = "cosine"                # 'learned': search with a query map fitted on the gallery (model.metric)
     prior_weight: float = 0.0                       # inference: (1 - w) sample mean + w kNN density (chosen on validation)
     prior_k: int = 16                               # that density's neighbours (retrieval models only)
     prior_temperature: float = 0.03                 # and its softmax temperature
@@ -108,6 +111,10 @@ class LocDiffConfig:
             raise TypeError(f"hybrid must be a bool, got {self.hybrid!r}")
         if self.retrieval_k == 0 and (self.prior_weight > 0 or self.hybrid):
             raise ValueError("prior_weight > 0 and hybrid=True need a gallery: set retrieval_k > 0 (LocDiff-R)")
+        if self.retrieval_metric not in RETRIEVAL_METRICS:
+            raise ValueError(f"retrieval_metric must be one of {RETRIEVAL_METRICS}, got {self.retrieval_metric!r}")
+        if self.retrieval_metric == "learned" and self.retrieval_k == 0:
+            raise ValueError("retrieval_metric='learned' needs a gallery: set retrieval_k > 0 (LocDiff-R)")
         for name in ("w0_initial", "w0", "kl_temperature", "retrieval_temperature", "prior_temperature"):
             check_float(getattr(self, name), name, 0.0, lo_open=True)
         for name in ("taper_sigma", "kl_smoothing"):
@@ -202,6 +209,8 @@ class LocDiff(nn.Module):
         k = config.retrieval_k
         self.net = CSUNet(self.net_config(config))
         self.gallery = Gallery(config.cond_dim) if k else None
+        # the learned query map of the neighbour search (fitted on the gallery by the Trainer), or None: cosine
+        self.query_map = QueryMap(config.cond_dim) if config.retrieval_metric == "learned" else None
         self.schedule = NoiseSchedule(config.schedule, config.train_timesteps)
         weights = self.shdd.weights if self.shdd.weights.numel() else None
         self.kl = SHDDKLLoss(config.L, self.shdd.scale, weights, temperature=config.kl_temperature,
@@ -234,6 +243,9 @@ class LocDiff(nn.Module):
         try:
             with torch.device("meta"):
                 expected = {f"net.{k}": tuple(v.shape) for k, v in CSUNet(cls.net_config(config)).state_dict().items()}
+                if config.retrieval_metric == "learned":
+                    expected.update({f"query_map.{k}": tuple(v.shape)
+                                     for k, v in QueryMap(config.cond_dim).state_dict().items()})
                 enc = config.image_encoder
                 if enc is not None and enc.get("kind") in STORED_ENCODERS:
                     expected.update({f"image_encoder.{k}": tuple(v.shape)
@@ -361,7 +373,7 @@ class LocDiff(nn.Module):
         elif found is not None and coords is None:
             sims, nb = found[0][:, :k], found[1][:, :k]
         else:
-            sims, nb = self.gallery.search(unit_rows(cond.float()), k, centre, radius)
+            sims, nb = self.search_neighbours(cond, k, centre, radius)
         feats, prior = neighbour_features(sims.to(cond.device), nb.to(cond.device), self.shdd,
                                           self.config.retrieval_temperature)
         return torch.cat([cond.float(), feats, prior], dim=-1)
@@ -537,7 +549,16 @@ class LocDiff(nn.Module):
             return None
         c = self.config
         k = max(c.retrieval_k, c.prior_k if prior_weight > 0 else 0, HYBRID_CANDIDATES if hybrid else 0)
-        return self.gallery.search(unit_rows(cond.float()), k)
+        return self.search_neighbours(cond, k)
+
+    def search_neighbours(self, cond: Tensor, k: int, center: Optional[Tensor] = None,
+                          holdout_km: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The gallery's ``k`` nearest entries to conditioned embeddings ``cond`` [B, D], by cosine similarity or,
+        with ``retrieval_metric='learned'``, after the query map (``Gallery.search``'s arguments and result)."""
+        q = unit_rows(cond.float())
+        if self.query_map is not None:
+            q = self.query_map(q)
+        return self.gallery.search(q, k, center, holdout_km)
 
     @property
     def hybrid_km(self) -> float:

@@ -14,7 +14,7 @@ within that distance (every scale counts; ties keep the simpler setting: smaller
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -68,15 +68,18 @@ def _checked(emb: Tensor, coords: Tensor, dim: int):
 
 @torch.no_grad()
 def choose_knn_density(gallery_emb: Tensor, gallery_coords: Tensor, val_emb: Tensor, val_coords: Tensor, L: int = 32,
-                       ks: Sequence[int] = KNN_KS, temperatures: Sequence[float] = KNN_TEMPERATURES) -> Dict:
+                       ks: Sequence[int] = KNN_KS, temperatures: Sequence[float] = KNN_TEMPERATURES,
+                       query_map: Optional[Callable[[Tensor], Tensor]] = None) -> Dict:
     """The kNN density's (k, temperature) with the best ``validation_score`` on (``val_emb``,
     ``val_coords``), the gallery being (``gallery_emb``, ``gallery_coords``), which must not hold the
-    validation rows.  Returns {'k', 'temperature', 'score', 'table': {(k, T): score}}."""
+    validation rows; ``query_map`` (a learned ``model.metric.QueryMap``) maps the normalised queries before
+    the search.  Returns {'k', 'temperature', 'score', 'table': {(k, T): score}}."""
     g = Gallery(gallery_emb.shape[1]).set(gallery_emb, gallery_coords)
     q, c = _checked(val_emb, val_coords, g.dim)
     shdd = SHDDEncoder(L)
     decoder = SHDDDecoder(shdd)
-    sims, nb = g.search(unit_rows(q.float()), max(ks))
+    q = unit_rows(q.float())
+    sims, nb = g.search(q if query_map is None else query_map(q), max(ks))
     table, best = {}, None
     for k in ks:
         for t in (temperatures if k > 1 else temperatures[:1]):  # one neighbour: the temperature does nothing
@@ -118,7 +121,8 @@ def tune_inference(model: LocDiff, val_emb: Tensor, val_coords: Tensor, seed: in
     if knn is None:
         if model.gallery.index is not None:
             raise ValueError("tune_inference: pass knn={'k': .., 'temperature': ..} for a store-backed gallery")
-        knn = choose_knn_density(model.gallery.embeddings, model.gallery.coords, cond, c, model.config.L)
+        knn = choose_knn_density(model.gallery.embeddings, model.gallery.coords, cond, c, model.config.L,
+                                 query_map=model.query_map)
     k, temp = check_int(knn["k"], "knn['k']", 1, 1024), float(knn["temperature"])
     S = model.config.num_samples if num_samples is None else check_int(num_samples, "num_samples", 1, 65_536)
     seeds = input_seeds(raw[0], seed)
@@ -126,7 +130,7 @@ def tune_inference(model: LocDiff, val_emb: Tensor, val_coords: Tensor, seed: in
     samples, priors, sims, nbs = [], [], [], []
     for i in range(0, cond.shape[0], batch_size):
         b = cond[i:i + batch_size]
-        found = model.gallery.search(unit_rows(b.float()), K)
+        found = model.search_neighbours(b, K)
         gens = [torch.Generator().manual_seed(v) for v in seeds[i:i + batch_size]]
         samples.append(model.sample(b, S, generator=gens, found=found).cpu())
         priors.append(neighbour_density(*found, model.shdd, k, temp).cpu())

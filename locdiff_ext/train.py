@@ -79,11 +79,12 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     val_fraction: float = 0.05     # used when no validation set is given
+    metric_steps: int = 1000       # fitting steps of a learned query map (retrieval_metric='learned', model.metric)
 
     def __post_init__(self):
         """Checks every field (type, range, finiteness), naming it: a config may come from a JSON file."""
         try:
-            for name in ["steps", "batch_size", "keep_last", "log_every", "eval_samples", "eval_steps"]:
+            for name in ["steps", "batch_size", "keep_last", "log_every", "eval_samples", "eval_steps", "metric_steps"]:
                 check_int(getattr(self, name), name, 1, 2**62)
             for name in ["warmup_steps", "eval_every", "eval_size", "checkpoint_every"]:
                 check_int(getattr(self, name), name, 0, 2**62)
@@ -222,9 +223,15 @@ class Trainer:
                 raise ValueError("train_data: the model's gallery is a store, and a store-backed gallery is trained "
                                  "through its own neighbour lists, so train_data must be that same (whole) store")
         if gallery is not None and (gallery.store is not None or (on_disk and len(gallery) == 0)):
+            if model.query_map is not None:
+                raise ValueError("retrieval_metric='learned' needs an in-memory gallery: a store's neighbour lists "
+                                 "are searched by cosine similarity (train from an EmbeddingDataset)")
             self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
         elif gallery is not None and len(gallery) == 0:  # retrieval over the in-memory training data
             model.set_gallery(train_data.embeddings, train_data.coords)
+        if model.query_map is not None and not model.query_map.is_fitted:  # before the EMA copy below
+            model.query_map.fit(model.gallery.embeddings, model.gallery.coords, steps=self.cfg.metric_steps,
+                                seed=self.cfg.seed)
         self.model = model.to(self.device).train()
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir)

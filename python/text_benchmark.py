@@ -89,7 +89,7 @@ def diagnostics(model, val_emb, val_coords, seed):
     200 km, against the samples' mean), neighbour recall (a training row within 25 km of the truth among the
     top 8 / 64), and the mean prior gate of the denoiser's output on its two prior blocks (best neighbour,
     density) while sampling."""
-    from locdiff_ext.kernels.geometry import great_circle_km, unit_rows
+    from locdiff_ext.kernels.geometry import great_circle_km
     from locdiff_ext.locdiff import input_seeds
 
     gates = []
@@ -103,7 +103,7 @@ def diagnostics(model, val_emb, val_coords, seed):
     for i in range(0, cond.shape[0], 256):
         b = cond[i:i + 256]
         truth = val_coords[i:i + 256]
-        found = model.gallery.search(unit_rows(b.float()), 64)
+        found = model.search_neighbours(b, 64)
         gens = [torch.Generator().manual_seed(v) for v in seeds[i:i + 256]]
         s = model.sample(b, model.config.num_samples, generator=gens, found=found)
         each = model.decoder(s.reshape(-1, s.shape[-1]).double(), 1)[0][:, 0].reshape(s.shape[0], s.shape[1], 2)
@@ -165,6 +165,10 @@ def main(argv=None):
     p.add_argument("--L", type=int, default=None, help="SH degree (default 32; --quick: 16)")
     p.add_argument("--retrieval-k", type=int, default=8, help="LocDiff-R's neighbours")
     p.add_argument("--holdout-km", type=float, default=1000.0, help="LocDiff-R's training hold-out caps' largest radius")
+    p.add_argument("--retrieval-metric", default="cosine", choices=("cosine", "learned"),
+                   help="LocDiff-R's neighbour search: cosine similarity, or a query map fitted on the training rows "
+                        "(locdiff_ext.model.metric); with 'learned' the prior's k and temperature are chosen over that "
+                        "metric and the table gains its kNN density")
     p.add_argument("--reuse", action="store_true",
                    help="load the models an earlier run saved in --out instead of training them again (the choices on "
                         "validation and the test are redone)")
@@ -203,7 +207,8 @@ def main(argv=None):
                 torch.manual_seed(seed)
                 model = ld.LocDiff(ld.LocDiffConfig(cond_dim=tr_e.shape[1], L=args.L, widths=(512, 256, 128),
                                                     time_dim=128, retrieval_k=args.retrieval_k,
-                                                    retrieval_holdout_km=args.holdout_km))
+                                                    retrieval_holdout_km=args.holdout_km,
+                                                    retrieval_metric=args.retrieval_metric))
                 cfg = TrainConfig(steps=args.steps, batch_size=256, lr=1e-3,
                                   warmup_steps=max(1, min(200, args.steps // 10)), eval_every=0, checkpoint_every=0,
                                   seed=seed)
@@ -215,7 +220,8 @@ def main(argv=None):
             row = {name: m.predict(te_e, seed=seed)[0][:, 0],
                    f"{name} + H (paper: one lobe)": m.predict(te_e, seed=seed, hybrid=True)[0][:, 0]}
             diags.append(diagnostics(m, va_e, va_c, seed))
-            tuned = tune_inference(m, va_e, va_c, seed=seed, knn=knn)
+            learned = m.query_map is not None  # its own prior is the density over the learned metric: chosen anew
+            tuned = tune_inference(m, va_e, va_c, seed=seed, knn=None if learned else knn)
             choices.append({"prior_weight": tuned["prior_weight"], "hybrid_km": tuned["hybrid_km"],
                             "val_score": tuned["score"], "val_score_as_trained": tuned["table"][(0.0, None)],
                             "val_score_prior": tuned["table"][(1.0, None)], "non_inferior": tuned["non_inferior"],
@@ -229,6 +235,9 @@ def main(argv=None):
                              **({f"kNN density (k={k}, T={T:g}), training-free": knn_regions} if not coverage else {})})
             row[f"kNN density (k={k}, T={T:g})"] = knn_density.predict(te_e)
             row["kNN retrieval (top-1)"] = KNNDensity(tr_e, tr_c, k=1, L=args.L).predict(te_e)
+            if learned:  # LocDiff-R's own (trained) prior: the kNN density over its learned metric, w = 1
+                row["kNN density over LocDiff-R's learned metric"] = m.predict(te_e, seed=seed, prior_weight=1.0,
+                                                                               hybrid=False)[0][:, 0]
             base = fit_baselines(tr_e, tr_c, steps=300 if args.quick else 3000, seed=seed)
             qn = unit_rows(te_e.float())
             row[f"grid classification ({len(base['grid'].cells)} cells)"] = base["grid"].predict(qn)
@@ -247,7 +256,7 @@ def main(argv=None):
         names = list(pooled)
         best, raw = names[2], names[0]
         pairs = {f"{a} - {b}": paired_bootstrap(pooled[a], pooled[b], truth, THRESHOLDS, groups=groups)
-                 for a in (best, raw) for b in names[3:5]}
+                 for a in (best, raw) for b in names[3:5] + [n for n in names if n.startswith("kNN density over")]}
         label = {"unseen": "unseen places", "seen": "seen places, new wording"}[split]
         lines = [f"### {label}: {len(tr_e)} training texts, {len(va_e)} validation, {len(te_e)} test; seeds "
                  f"{args.seeds} (mean)", "", markdown_table(mean), "",

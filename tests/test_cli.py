@@ -84,6 +84,10 @@ def test_cli_store_build_index_train_eval_and_damaged_stores(tmp_path):
     bad = run_cli("train", tmp_path / "train.store", "--retrieval-k", 4, "--steps", 5, "--out", tmp_path / "x",
                   cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "whole store" in bad.stderr and "Traceback" not in bad.stderr
+    # a learned query map needs an in-memory gallery (a store's neighbour lists are cosine ones): named, status 2
+    bad = run_cli("train", tmp_path / "train.store", "--val", tmp_path / "val.store", "--retrieval-k", 4,
+                  "--retrieval-metric", "learned", "--steps", 5, "--out", tmp_path / "y", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "in-memory gallery" in bad.stderr and "Traceback" not in bad.stderr
     # damaged stores: one line naming the file, status 2
     emb = tmp_path / "val.store" / "embeddings.npy"
     emb.write_bytes(emb.read_bytes()[:-64])
