@@ -19,7 +19,7 @@ import torch
 from locdiff_ext.calibrate import run_with_maps
 from locdiff_ext.datasets.demo import MAP_SIZE, DemoConfig, build_dataset, image_features, validation_sets
 from locdiff_ext.evaluation.conformal import conformal_quantile, radius_scores, region_scores
-from locdiff_ext.kernels.geometry import great_circle_km, unit_rows
+from locdiff_ext.kernels.geometry import great_circle_km
 from locdiff_ext.locdiff import LocDiff
 from locdiff_ext.model.retrieval import query_signals
 
@@ -37,7 +37,7 @@ def auc(y: np.ndarray, x: np.ndarray) -> float:
 
 
 def features(model: LocDiff, emb: torch.Tensor) -> dict:
-    sims, nc = model.gallery.search(unit_rows(emb.float()), 64)
+    sims, nc = model.search_neighbours(emb, 64)
     q = query_signals(sims, nc)  # the top-8 signals every prediction carries
     out = {"top similarity": q["top_similarity"], "gap to 8th": q["similarity_gap"],
            "gap to 64th": sims[:, 0] - sims[:, 63], "mean of top 8": sims[:, :8].mean(1),

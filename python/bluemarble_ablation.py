@@ -30,7 +30,6 @@ from locdiff_ext.datasets.bluemarble import build_dataset, tile_ids
 from locdiff_ext.datasets.demo import DemoConfig, embed_all, train_locdiff, validation_sets
 from locdiff_ext.evaluation import (cell_areas_km2, coverage, coverage_gap, fit_sharpness, geolocation_metrics,
                                    paired_bootstrap, sharpen)
-from locdiff_ext.kernels.geometry import unit_rows
 
 INFERENCE = [  # (label, predict keyword arguments); the first is the saved model's default
     ("default (guidance 2, 16 samples, mean, DPM-Solver++ 10 steps)", {}),
@@ -110,7 +109,7 @@ def calibration_experiment(model, q, truth, seed: int, prior: np.ndarray) -> lis
     model.config.map_sharpness = 1.0  # the raw maps (a saved demo model carries the demo's calibration)
     for split in q:
         maps[split] = model.predict(q[split], seed=seed, return_map=True, map_size=(90, 180))[2].numpy()
-        gate[split] = model.gallery.search(unit_rows(q[split].float()), 1)[0][:, 0].numpy()
+        gate[split] = model.search_neighbours(q[split], 1)[0][:, 0].numpy()
         perm = np.random.default_rng(seed).permutation(len(maps[split]))
         halves[split] = (perm[: len(perm) // 2], perm[len(perm) // 2:])
     fit = {k: np.concatenate([v[halves[s][0]] for s, v in d.items()]) for k, d in
