@@ -31,9 +31,9 @@ from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss,
                               mse_loss)
+from .model.metric import QueryMap
 from .model.retrieval import (Gallery, neighbour_density, neighbour_features, query_signals, sample_holdout,
                               snap_to_neighbours, visible_neighbours)
-from .model.metric import QueryMap
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
 from .model.unet import CSUNet, CSUNetConfig
 from .progress import Progress
