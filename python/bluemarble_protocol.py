@@ -149,6 +149,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="LocDiff training steps (default: the demo's)")
     ap.add_argument("--weighting", default=None, choices=["none", "gaussian"],
                     help="LocDiff's per-degree taper (default: the demo's, none)")
+    ap.add_argument("--retrieval-metric", default=None, choices=["cosine", "learned"],
+                    help="LocDiff-R's search (default: the demo's, cosine; 'learned': a query map fitted on the "
+                         "training crops)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     runs: Dict[str, List[dict]] = {}
@@ -164,6 +167,8 @@ def main(argv=None) -> None:
                     cfg.diffusion_steps = args.steps
                 if args.weighting:
                     cfg.weighting = args.weighting
+                if args.retrieval_metric:
+                    cfg.retrieval_metric = args.retrieval_metric
                 t = time.perf_counter()
                 print(f"run {enc}, seed {seed} -> {run}", flush=True)
                 run_demo(cfg, out=run, progress=False, log=lambda *a: None)

@@ -83,6 +83,7 @@ class DemoConfig:
     baseline_steps: int = 3000
     retrieval_k: int = 8           # LocDiff-R: condition on the 8 most similar training crops; 0: plain LocDiff
     weighting: str = "none"        # LocDiff's per-degree taper of the SHDD vectors ('gaussian': smoother targets)
+    retrieval_metric: str = "cosine"  # LocDiff-R's search; 'learned': a query map fitted on the training crops
     seed: int = 0
 
     def __post_init__(self):
@@ -210,7 +211,7 @@ def train_locdiff(emb: torch.Tensor, coords: torch.Tensor, train: np.ndarray, mo
     checkpoints (~100 MB) are scratch and deleted; its history.json stays in ``run_dir``."""
     torch.manual_seed(cfg.seed)
     fields = dict(cond_dim=enc.dim, L=cfg.L, widths=cfg.widths, time_dim=128, dropout=0.1, num_samples=cfg.num_samples,
-                  retrieval_k=cfg.retrieval_k, weighting=cfg.weighting)
+                  retrieval_k=cfg.retrieval_k, weighting=cfg.weighting, retrieval_metric=cfg.retrieval_metric)
     model = LocDiff(LocDiffConfig(**{**fields, **config}), image_encoder=enc)
     tcfg = TrainConfig(steps=cfg.diffusion_steps, batch_size=256, lr=1e-3, warmup_steps=min(200, cfg.diffusion_steps // 10),
                        eval_every=max(cfg.diffusion_steps // 2, 1), eval_size=256, eval_samples=4, eval_steps=10,
@@ -287,7 +288,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     val_all = np.concatenate(list(val.values()))
     anchored, choice = None, None
     if locdiff.gallery is not None:  # LocDiff-R: its prior weight and hybrid radius, chosen on validation too
-        tuned = tune_inference(locdiff, emb[val_all], coords[val_all], seed=cfg.seed, knn=knn_choice)
+        learned = locdiff.query_map is not None  # its prior is the density over its map: k and T chosen anew
+        tuned = tune_inference(locdiff, emb[val_all], coords[val_all], seed=cfg.seed, knn=None if learned else knn_choice)
         radius = "off" if tuned["hybrid_km"] is None else f"{tuned['hybrid_km']:.0f} km"
         anchored = f"LocDiff-R, anchored (w={tuned['prior_weight']:g}, hybrid {radius})"
         choice = {"name": anchored, "prior_weight": tuned["prior_weight"], "hybrid_km": tuned["hybrid_km"],
