@@ -71,8 +71,9 @@ def fit_query_map(embeddings: Tensor, coords: Tensor, steps: int = 1000, candida
     C = min(candidates, n - 1)
     tops = []
     with torch.no_grad():
-        for i in range(0, len(queries), 1024):  # each query's C most similar other rows, by the raw similarity
-            q = queries[i:i + 1024]
+        rows = max(1, min(1024, (1 << 26) // n))  # a [rows, n] similarity block of at most 256 MB
+        for i in range(0, len(queries), rows):  # each query's C most similar other rows, by the raw similarity
+            q = queries[i:i + rows]
             s = e[q] @ e.T
             s[torch.arange(len(q)), q] = float("-inf")  # not itself
             tops.append(s.topk(C, dim=1).indices)
