@@ -21,7 +21,8 @@ diagnostics are measured (best-of-S oracle, neighbour recall at 25 km, the denoi
 set is then predicted once.  Rows: LocDiff-R as trained, with the paper's hybrid (+ H, one lobe), anchored
 (its settings chosen on validation), the kNN density, top-1 retrieval, grid classification and unit-vector
 regression, and with the learned map the kNN density over it (LocDiff-R's own prior, w = 1).  Tables are
-means over seeds; differences are paired bootstraps over test places with every seed's answers pooled (a cluster bootstrap: a place's answers of all seeds are resampled together).
+means over seeds; differences are paired bootstraps over test places with every seed's answers pooled (a
+cluster bootstrap: a place's answers of all seeds are resampled together).
 """
 
 import argparse
