@@ -229,9 +229,6 @@ class Trainer:
             self.neighbours = self._store_gallery(model, train_data, neighbour_candidates, progress)
         elif gallery is not None and len(gallery) == 0:  # retrieval over the in-memory training data
             model.set_gallery(train_data.embeddings, train_data.coords)
-        if model.query_map is not None and not model.query_map.is_fitted:  # before the EMA copy below
-            model.query_map.fit(model.gallery.embeddings, model.gallery.coords, steps=self.cfg.metric_steps,
-                                seed=self.cfg.seed)
         self.model = model.to(self.device).train()
         self.train_data, self.val_data = train_data, val_data
         self.out_dir = Path(out_dir)
@@ -453,6 +450,19 @@ class Trainer:
             raise ValueError(f"out_dir {str(self.out_dir)!r} holds a training run ({names}) and {why}: pass "
                              "overwrite=True (--overwrite) to delete that run and start afresh, or choose another out_dir")
 
+    def _fit_query_map(self) -> None:
+        """A fresh run of a learned-map model fits its query map on the gallery before the first step (a
+        resumed run loads it from the checkpoint instead), and gives the EMA model the same map.  The fit is
+        deterministic on the CPU; under torchrun rank 0's map is broadcast so that every rank searches alike."""
+        qm = self.model.query_map
+        if qm is None or qm.is_fitted:
+            return
+        g = self.model.gallery
+        qm.fit(g.embeddings.cpu(), g.coords.cpu(), steps=self.cfg.metric_steps, seed=self.cfg.seed)
+        if self.world > 1:
+            dist.broadcast(qm.weight, 0)
+        self.ema.query_map.load_state_dict(qm.state_dict())
+
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = True, overwrite: bool = False) -> List[Dict[str, float]]:
         """Trains to ``config.steps`` and writes out_dir/final; returns the history of logged losses and
@@ -466,6 +476,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.out_dir) if resume and not overwrite else None
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+        else:
+            self._fit_query_map()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg

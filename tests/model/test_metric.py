@@ -11,6 +11,7 @@ from locdiff_ext.data import EmbeddingDataset
 from locdiff_ext.data.checkpoint import CheckpointError
 from locdiff_ext.data.store import write_store
 from locdiff_ext.kernels.geometry import latlon_to_xyz
+from locdiff_ext.model import metric
 from locdiff_ext.model.metric import QueryMap, fit_query_map
 from locdiff_ext.selection import choose_knn_density
 from locdiff_ext.train import TrainConfig, Trainer
@@ -54,7 +55,7 @@ def test_bad_inputs_are_named():
         ld.LocDiffConfig(cond_dim=16, retrieval_metric="learned")
 
 
-def test_the_trainer_fits_it_and_it_is_saved_with_the_model(tmp_path):
+def test_the_trainer_fits_it_and_it_is_saved_with_the_model(tmp_path, monkeypatch):
     emb, coords = _noisy_rows(600, seed=0)
     model = tiny_model(cond_dim=16, L=6, widths=(32, 16), time_dim=16, retrieval_k=4, num_samples=2, sample_steps=2,
                        retrieval_metric="learned")
@@ -73,12 +74,17 @@ def test_the_trainer_fits_it_and_it_is_saved_with_the_model(tmp_path):
     assert back.config.retrieval_metric == "learned" and back.query_map.is_fitted
     torch.testing.assert_close(back.query_map.weight, m.query_map.weight)
     torch.testing.assert_close(back.predict(q, seed=1)[0], m.predict(q, seed=1)[0])
-    # resuming from the step checkpoint keeps the fitted map
+    # resuming from the step checkpoint keeps the fitted map, and does not fit it again
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a resumed run fitted its query map again")
+
+    monkeypatch.setattr(metric, "fit_query_map", no_refit)
     again = Trainer(tiny_model(cond_dim=16, L=6, widths=(32, 16), time_dim=16, retrieval_k=4, num_samples=2,
                                sample_steps=2, retrieval_metric="learned"), EmbeddingDataset(emb, coords),
                     tmp_path / "run", cfg, progress=False)
     again.fit()
     torch.testing.assert_close(again.ema.query_map.weight, m.query_map.weight)
+    torch.testing.assert_close(again.model.query_map.weight, m.query_map.weight)
 
 
 def test_weights_without_the_map_are_refused():
