@@ -31,7 +31,7 @@ from .kernels.ops import decode_grid_limits, num_coeffs
 from .model.aggregate import AGGREGATES, SampleAggregator
 from .model.diffusion import (PREDICTIONS, DDIMSampler, DDPMSampler, DPMSolverSampler, NoiseSchedule, SHDDKLLoss,
                               mse_loss)
-from .model.metric import QueryMap
+from .model.metric import QueryMap, map_queries
 from .model.retrieval import (Gallery, neighbour_density, neighbour_features, query_signals, sample_holdout,
                               snap_to_neighbours, visible_neighbours)
 from .model.shdd import WEIGHTINGS, SHDDDecoder, SHDDEncoder
@@ -555,10 +555,7 @@ class LocDiff(nn.Module):
                           holdout_km: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The gallery's ``k`` nearest entries to conditioned embeddings ``cond`` [B, D], by cosine similarity or,
         with ``retrieval_metric='learned'``, after the query map (``Gallery.search``'s arguments and result)."""
-        q = unit_rows(cond.float())
-        if self.query_map is not None:
-            q = self.query_map(q)
-        return self.gallery.search(q, k, center, holdout_km)
+        return self.gallery.search(map_queries(cond, self.query_map), k, center, holdout_km)
 
     @property
     def hybrid_km(self) -> float:

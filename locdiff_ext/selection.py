@@ -14,15 +14,16 @@ within that distance (every scale counts; ties keep the simpler setting: smaller
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .checks import check_int, validate_coords, validate_embeddings
 from .evaluation.metrics import THRESHOLDS_KM
-from .kernels.geometry import great_circle_km, unit_rows
+from .kernels.geometry import great_circle_km
 from .locdiff import HYBRID_CANDIDATES, LocDiff, input_seeds
+from .model.metric import QueryMap, map_queries
 from .model.retrieval import Gallery, neighbour_density, snap_to_neighbours
 from .model.shdd import SHDDDecoder, SHDDEncoder
 
@@ -69,7 +70,7 @@ def _checked(emb: Tensor, coords: Tensor, dim: int):
 @torch.no_grad()
 def choose_knn_density(gallery_emb: Tensor, gallery_coords: Tensor, val_emb: Tensor, val_coords: Tensor, L: int = 32,
                        ks: Sequence[int] = KNN_KS, temperatures: Sequence[float] = KNN_TEMPERATURES,
-                       query_map: Optional[Callable[[Tensor], Tensor]] = None) -> Dict:
+                       query_map: Optional[QueryMap] = None) -> Dict:
     """The kNN density's (k, temperature) with the best ``validation_score`` on (``val_emb``,
     ``val_coords``), the gallery being (``gallery_emb``, ``gallery_coords``), which must not hold the
     validation rows; ``query_map`` (a learned ``model.metric.QueryMap``) maps the normalised queries before
@@ -78,8 +79,7 @@ def choose_knn_density(gallery_emb: Tensor, gallery_coords: Tensor, val_emb: Ten
     q, c = _checked(val_emb, val_coords, g.dim)
     shdd = SHDDEncoder(L)
     decoder = SHDDDecoder(shdd)
-    q = unit_rows(q.float())
-    sims, nb = g.search(q if query_map is None else query_map(q), max(ks))
+    sims, nb = g.search(map_queries(q, query_map), max(ks))
     table, best = {}, None
     for k in ks:
         for t in (temperatures if k > 1 else temperatures[:1]):  # one neighbour: the temperature does nothing
@@ -88,6 +88,13 @@ def choose_knn_density(gallery_emb: Tensor, gallery_coords: Tensor, val_emb: Ten
             if best is None or table[(k, t)] > table[best]:
                 best = (k, t)
     return {"k": best[0], "temperature": best[1], "score": table[best], "table": table}
+
+
+def own_prior_knn(model: LocDiff, knn: Optional[Dict]) -> Optional[Dict]:
+    """The kNN density settings to give ``tune_inference`` for ``model``: ``knn`` (chosen over the raw cosine
+    search, e.g. by ``choose_knn_density``), except for a learned-map model, whose prior is the density over
+    its own map and so is chosen anew there (None)."""
+    return None if model.query_map is not None else knn
 
 
 @torch.no_grad()
@@ -187,5 +194,5 @@ def tune_and_save(model: LocDiff, val_data, directory, seed: int = 0, rows: int 
     return got
 
 
-__all__ = ["tune_and_save", "accuracies", "validation_score", "choose_knn_density", "tune_inference", "PRIOR_WEIGHTS", "KNN_KS", "KNN_TEMPERATURES",
-           "HYBRID_LOBES"]
+__all__ = ["tune_and_save", "accuracies", "validation_score", "choose_knn_density", "own_prior_knn", "tune_inference",
+           "PRIOR_WEIGHTS", "KNN_KS", "KNN_TEMPERATURES", "HYBRID_LOBES"]

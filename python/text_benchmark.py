@@ -155,7 +155,7 @@ def main(argv=None):
     from locdiff_ext.evaluation import fit_baselines, geolocation_metrics, markdown_table, paired_bootstrap
     from locdiff_ext.kernels.geometry import unit_rows
     from locdiff_ext.model.retrieval import KNNDensity
-    from locdiff_ext.selection import choose_knn_density, tune_inference
+    from locdiff_ext.selection import choose_knn_density, own_prior_knn, tune_inference
     from locdiff_ext.train import Trainer, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -222,8 +222,7 @@ def main(argv=None):
             row = {name: m.predict(te_e, seed=seed)[0][:, 0],
                    f"{name} + H (paper: one lobe)": m.predict(te_e, seed=seed, hybrid=True)[0][:, 0]}
             diags.append(diagnostics(m, va_e, va_c, seed))
-            learned = m.query_map is not None  # its own prior is the density over the learned metric: chosen anew
-            tuned = tune_inference(m, va_e, va_c, seed=seed, knn=None if learned else knn)
+            tuned = tune_inference(m, va_e, va_c, seed=seed, knn=own_prior_knn(m, knn))
             choices.append({"prior_weight": tuned["prior_weight"], "hybrid_km": tuned["hybrid_km"],
                             "val_score": tuned["score"], "val_score_as_trained": tuned["table"][(0.0, None)],
                             "val_score_prior": tuned["table"][(1.0, None)], "non_inferior": tuned["non_inferior"],
@@ -237,7 +236,7 @@ def main(argv=None):
                              **({f"kNN density (k={k}, T={T:g}), training-free": knn_regions} if not coverage else {})})
             row[f"kNN density (k={k}, T={T:g})"] = knn_density.predict(te_e)
             row["kNN retrieval (top-1)"] = KNNDensity(tr_e, tr_c, k=1, L=args.L).predict(te_e)
-            if learned:  # LocDiff-R's own (trained) prior: the kNN density over its learned metric, w = 1
+            if m.query_map is not None:  # LocDiff-R's own (trained) prior: the kNN density over its learned metric, w = 1
                 row["kNN density over LocDiff-R's learned metric"] = m.predict(te_e, seed=seed, prior_weight=1.0,
                                                                                hybrid=False)[0][:, 0]
             base = fit_baselines(tr_e, tr_c, steps=300 if args.quick else 3000, seed=seed)

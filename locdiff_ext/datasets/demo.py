@@ -50,7 +50,7 @@ from ..evaluation.conformal import conformal_coverage, coverage_table, fit_confo
 from ..evaluation import (compare_methods, fit_baselines, geolocation_metrics, markdown_table, paired_table,
                           reliability_levels)
 from ..inference import default_model_dir
-from ..selection import tune_inference
+from ..selection import own_prior_knn, tune_inference
 from ..kernels.geometry import fibonacci_cells, latlon_to_xyz
 from ..locdiff import LocDiff, LocDiffConfig
 from ..model import KNNDensity
@@ -288,8 +288,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     val_all = np.concatenate(list(val.values()))
     anchored, choice = None, None
     if locdiff.gallery is not None:  # LocDiff-R: its prior weight and hybrid radius, chosen on validation too
-        learned = locdiff.query_map is not None  # its prior is the density over its map: k and T chosen anew
-        tuned = tune_inference(locdiff, emb[val_all], coords[val_all], seed=cfg.seed, knn=None if learned else knn_choice)
+        tuned = tune_inference(locdiff, emb[val_all], coords[val_all], seed=cfg.seed,
+                               knn=own_prior_knn(locdiff, knn_choice))
         radius = "off" if tuned["hybrid_km"] is None else f"{tuned['hybrid_km']:.0f} km"
         anchored = f"LocDiff-R, anchored (w={tuned['prior_weight']:g}, hybrid {radius})"
         choice = {"name": anchored, "prior_weight": tuned["prior_weight"], "hybrid_km": tuned["hybrid_km"],

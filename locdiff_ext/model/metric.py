@@ -46,6 +46,12 @@ class QueryMap(nn.Module):
         return self
 
 
+def map_queries(cond: Tensor, query_map: "QueryMap | None" = None) -> Tensor:
+    """Search queries from conditioned embeddings [B, D]: unit rows, then the learned map where there is one."""
+    q = unit_rows(cond.float())
+    return q if query_map is None else query_map(q)
+
+
 def fit_query_map(embeddings: Tensor, coords: Tensor, steps: int = 1000, candidates: int = 128, batch_size: int = 512,
                   lr: float = 1e-3, temperature: float = 0.03, ridge: float = 1e-2, max_queries: int = 20_000,
                   seed: int = 0) -> Tensor:
@@ -88,7 +94,7 @@ def fit_query_map(embeddings: Tensor, coords: Tensor, steps: int = 1000, candida
         for _ in range(steps):
             b = torch.randint(len(queries), (min(batch_size, len(queries)),), generator=gen)
             q = unit_rows(e[queries[b]] @ W.T)
-            s = (q[:, None, :] * e[top[b]]).sum(-1) / temperature
+            s = torch.bmm(e[top[b]], q[:, :, None])[..., 0] / temperature  # [B, C]: no [B, C, D] product
             loss = -torch.log((torch.softmax(s, 1) * near[b]).sum(1) + 1e-6).mean() + ridge * ((W - eye) ** 2).sum()
             opt.zero_grad()
             loss.backward()
@@ -99,4 +105,4 @@ def fit_query_map(embeddings: Tensor, coords: Tensor, steps: int = 1000, candida
     return W
 
 
-__all__ = ["QueryMap", "fit_query_map", "METRIC_SCALES_KM"]
+__all__ = ["QueryMap", "fit_query_map", "map_queries", "METRIC_SCALES_KM"]
