@@ -19,7 +19,7 @@ import torch
 
 from .checks import check_float
 from .evaluation.calibration import cell_of
-from .evaluation.conformal import ConformalCalibration, grid_xyz, region_areas_km2, region_masks
+from .evaluation.conformal import ConformalCalibration, grid_xyz, region_areas_km2, region_masks, region_scores
 from .kernels.geometry import EARTH_RADIUS_KM, latlon_to_xyz
 from .locdiff import LocDiff
 
@@ -81,31 +81,37 @@ class Geolocation:
         cal = self.calibration
         return int(cal.groups(cal.signal_values({k: [v] for k, v in self.signals.items()}, 1))[0])
 
-    def _threshold(self, p: float, calibrated: Optional[bool]) -> float:
-        """The region's cut: the calibrated threshold, or p (the raw map's own region)."""
+    def _threshold(self, p: float, calibrated: Optional[bool]) -> Tuple[float, bool]:
+        """The region's cut: the calibrated threshold, or p (the raw map's own region); and whether its
+        scores refine the densest cell (``conformal._scan``: all but calibrations saved before version 3)."""
         m = self._map()
         p = check_float(p, "p", 0.0, 1.0, lo_open=True, hi_open=True)
         if self._use_calibration(calibrated):
             self.calibration.check_map_size(m.shape)
-            return float(self.calibration.region_threshold(p, [self._group()])[0])
-        return p - 2e-12
+            return (float(self.calibration.region_threshold(p, [self._group()])[0]),
+                    self.calibration.refines_top_cell)
+        return p - 2e-12, True
 
     def credible_region(self, p: float = 0.9, calibrated: Optional[bool] = None) -> np.ndarray:
         """Boolean mask [nlat, nlon] of the region of highest probability density that holds the truth with
-        probability ``p`` (conformally calibrated; see the class docstring).  Needs ``return_map=True``."""
-        t = self._threshold(p, calibrated)
+        probability ``p`` (conformally calibrated; see the class docstring).  Needs ``return_map=True``.  The
+        cells it touches: where the region is a disc inside the densest cell, that whole cell."""
+        t, _ = self._threshold(p, calibrated)
         return region_masks(self._map()[None], [t], [[self.lat, self.lon]])[0]
 
     def credible_area_km2(self, p: float = 0.9, calibrated: Optional[bool] = None) -> float:
         """Area (km^2) of ``credible_region(p)``: how far to trust the answer (the Earth is 5.1e8 km^2);
         its resolution is that of the map (``map_size``)."""
-        t = self._threshold(p, calibrated)
-        return float(region_areas_km2(self._map()[None], [t], [[self.lat, self.lon]])[0])
+        t, refine = self._threshold(p, calibrated)
+        return float(region_areas_km2(self._map()[None], [t], [[self.lat, self.lon]], refine)[0])
 
     def contains(self, lat: float, lon: float, p: float = 0.9, calibrated: Optional[bool] = None) -> bool:
-        """Whether (lat, lon) lies in ``credible_region(p)``."""
-        cell = cell_of(lat, lon, *self._map().shape)  # the arguments first: a bad one fails before any warning
-        return bool(self.credible_region(p, calibrated)[cell])
+        """Whether (lat, lon) lies in the p region (that of ``credible_region(p)``, but inside the densest
+        cell only the part the region holds: the disc around the answer, where the region is one)."""
+        cell_of(lat, lon, *self._map().shape)  # the arguments first: a bad one fails before any warning
+        t, refine = self._threshold(p, calibrated)
+        score = region_scores(self._map()[None], [[lat, lon]], [[self.lat, self.lon]], refine)[0]
+        return bool(score <= t + 1e-12)
 
     def radius_km(self, p: float = 0.9, calibrated: Optional[bool] = None) -> float:
         """The great-circle radius (km) around the answer (lat, lon) that holds the truth with probability

@@ -30,7 +30,8 @@ from ..checks import check_float, check_int
 from ..kernels.geometry import great_circle_km, grid_points, latlon_to_xyz
 from .calibration import _as_arrays, _check_level, _densities, cell_of
 
-VERSION = 2  # 2 added the learnt 'localizability' signal (its score_model); version 1 files still load
+VERSION = 3  # 2: the learnt 'localizability' signal (score_model); 3: the densest cell refined (``_scan``)
+SUPPORTED = (1, 2, 3)  # older files still load, and keep the scores they were fitted with
 SIGNALS = ("none", "mode_score", "top_similarity", "localizability")  # what a group is chosen by
 FEATURES = ("mode_score", "top_similarity", "similarity_gap", "neighbour_agreement", "neighbour_spread")
 LEARN_SHARE = 1 / 3  # of the calibration items, those that fit the localizability score (then not used for cuts)
@@ -136,33 +137,60 @@ def _chunks(n: int, size: int = 64):
     return ((i, min(n, i + size)) for i in range(0, n, size))
 
 
+def _top_cells(m: np.ndarray, key: np.ndarray, area: np.ndarray):
+    """Per map: the probability [n] and area [n] (km^2) of its densest cell(s) (the cells of the smallest key)."""
+    top = key == key.min(axis=1, keepdims=True)
+    return (m * top).sum(axis=1), (area[None, :] * top).sum(axis=1)
+
+
 def _scan(maps: np.ndarray, answers: Optional[np.ndarray], truths: Optional[np.ndarray] = None,
-          thresholds: Optional[np.ndarray] = None):
+          thresholds: Optional[np.ndarray] = None, refine: bool = True):
     """One pass over the items, a chunk at a time: the region scores [N] of the ``truths`` and the region
-    areas [N, T] (km^2) at ``thresholds`` [N, T] (None where not asked)."""
+    areas [N, T] (km^2) at ``thresholds`` [N, T] (None where not asked).
+
+    ``refine`` (with ``answers``): inside the densest cell, which every region holds, the score is not 0 but
+    the cell's probability times (d / R)^2 (at most 1), d the distance from the answer, R the radius of a
+    disc of the cell's area: a region whose cut lies below the cell's probability is the disc around the
+    answer holding that share of the cell, area in proportion.  Why: a truth in the densest cell scored 0,
+    and where more than p of the inputs (seen places) have their truth there, the p region could not be
+    smaller than one cell and held more than p of the truths (BENCHMARKS 6)."""
     N, nlat, nlon = maps.shape
+    refine = refine and answers is not None
     scores = None if truths is None else np.empty(N)
     areas = None if thresholds is None else np.empty(thresholds.shape)
     if truths is not None:
         cell = np.array([np.ravel_multi_index(cell_of(a, b, nlat, nlon), (nlat, nlon)) for a, b in truths])
     for i, j in _chunks(N):
         m, key, area = _keys(maps[i:j], None if answers is None else answers[i:j])
+        if refine:
+            m_top, a_top = _top_cells(m, key, area)
         if truths is not None:
             kt = key[np.arange(j - i), cell[i:j]]
             scores[i:j] = (m * (key < kt[:, None])).sum(axis=1)
+            if refine:
+                inside = (kt == key.min(axis=1)) & ~np.isnan(answers[i:j]).any(axis=1)
+                d = great_circle_km(torch.from_numpy(np.nan_to_num(answers[i:j])),
+                                    torch.from_numpy(np.asarray(truths[i:j], dtype=np.float64))).numpy()
+                share = np.minimum(1.0, d ** 2 * np.pi / a_top)
+                scores[i:j] = np.where(inside, m_top * share, scores[i:j])
         if thresholds is not None:
             _, above, cum_area = _sorted_profile(m, key, area)
             for r in range(j - i):
-                count = np.searchsorted(above[r], thresholds[i + r] + _EPS, side="right")
+                t = thresholds[i + r]
+                count = np.searchsorted(above[r], t + _EPS, side="right")
                 areas[i + r] = cum_area[r, np.maximum(count, 1) - 1]
+                if refine:  # a cut below the densest cell's probability: the disc of that share of it
+                    part = t < m_top[r] - _EPS
+                    areas[i + r] = np.where(part, a_top[r] * np.clip(t, 0.0, None) / m_top[r], areas[i + r])
     return scores, areas
 
 
-def region_scores(prob_maps, truths, answers=None) -> np.ndarray:
+def region_scores(prob_maps, truths, answers=None, refine: bool = True) -> np.ndarray:
     """Per item, the probability of the cells denser than its true cell [N] (``calibration.truth_mass``,
-    of the maps floored at the ``answers`` [N, 2] when given): the conformal score of the regions."""
+    of the maps floored at the ``answers`` [N, 2] when given): the conformal score of the regions; with
+    ``answers`` and ``refine``, inside the densest cell the share of it nearer the answer (``_scan``)."""
     maps, truths = _as_arrays(prob_maps, truths)
-    return _scan(maps, _answers(answers, maps.shape[0]), truths=truths)[0]
+    return _scan(maps, _answers(answers, maps.shape[0]), truths=truths, refine=refine)[0]
 
 
 def _thresholds(thresholds, n: int) -> np.ndarray:
@@ -172,7 +200,8 @@ def _thresholds(thresholds, n: int) -> np.ndarray:
 
 def region_masks(prob_maps, thresholds, answers=None) -> np.ndarray:
     """Boolean masks [N, nlat, nlon]: the cells whose denser cells hold at most ``thresholds`` [N] (a
-    conformal region; a threshold just below p gives the raw p region), of the maps floored at ``answers``."""
+    conformal region; a threshold just below p gives the raw p region), of the maps floored at ``answers``:
+    the cells a region touches (the densest cell whole, also where a refined region is a disc inside it)."""
     maps, _ = _as_arrays(prob_maps, np.zeros((len(prob_maps), 2)))
     answers = _answers(answers, maps.shape[0])
     t = _thresholds(thresholds, maps.shape[0])[:, 0]
@@ -184,11 +213,12 @@ def region_masks(prob_maps, thresholds, answers=None) -> np.ndarray:
     return out.reshape(maps.shape)
 
 
-def region_areas_km2(prob_maps, thresholds, answers=None) -> np.ndarray:
-    """Areas (km^2) of the regions of ``region_masks``: [N] for thresholds [N], [N, T] for [N, T]."""
+def region_areas_km2(prob_maps, thresholds, answers=None, refine: bool = True) -> np.ndarray:
+    """Areas (km^2) of the regions at ``thresholds``: [N] for thresholds [N], [N, T] for [N, T] (those of
+    ``region_masks``, but for a refined region inside the densest cell: its share of that cell's area)."""
     maps, _ = _as_arrays(prob_maps, np.zeros((len(prob_maps), 2)))
     t = np.asarray(thresholds, dtype=np.float64)
-    areas = _scan(maps, _answers(answers, maps.shape[0]), thresholds=_thresholds(t, maps.shape[0]))[1]
+    areas = _scan(maps, _answers(answers, maps.shape[0]), thresholds=_thresholds(t, maps.shape[0]), refine=refine)[1]
     return areas if t.ndim == 2 else areas[:, 0]
 
 
@@ -300,14 +330,19 @@ class ConformalCalibration:
         self.map_size = tuple(check_int(v, "calibration map_size[i]", 1, 1 << 16) for v in self.map_size)
         if not isinstance(self.settings, dict):
             raise TypeError("calibration settings must be a dict")
-        if self.version not in (1, VERSION):
-            raise ValueError(f"calibration version {self.version!r} is not supported (this package reads 1 and {VERSION})")
+        if self.version not in SUPPORTED:
+            raise ValueError(f"calibration version {self.version!r} is not supported (this package reads {SUPPORTED})")
         if (self.signal == "localizability") != (self.score_model is not None):
             raise ValueError("calibration: signal 'localizability' needs its score_model, and only it has one")
         if self.score_model is not None:
             self.score_model = _check_score_model(self.score_model)
 
     # -- query time
+    @property
+    def refines_top_cell(self) -> bool:
+        """Whether its scores refine the densest cell by the distance to the answer (version 3 on, ``_scan``)."""
+        return self.version >= 3
+
     @property
     def sizes(self) -> Tuple[int, ...]:
         """Calibration items per group."""
@@ -360,9 +395,12 @@ class ConformalCalibration:
 
     # -- persistence
     def to_dict(self) -> Dict[str, Any]:
-        return {"version": VERSION, "signal": self.signal, "edges": list(self.edges),
-                "region": [list(s) for s in self.region], "radius": [list(s) for s in self.radius],
-                "map_size": list(self.map_size), "settings": dict(self.settings), "score_model": self.score_model}
+        d = {"version": self.version, "signal": self.signal, "edges": list(self.edges),
+             "region": [list(s) for s in self.region], "radius": [list(s) for s in self.radius],
+             "map_size": list(self.map_size), "settings": dict(self.settings), "score_model": self.score_model}
+        if self.version == 1:  # saved as it was read: version 1 had no score_model
+            del d["score_model"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "ConformalCalibration":
@@ -373,8 +411,8 @@ class ConformalCalibration:
             known.add("score_model")
         if set(d) != known:
             raise ValueError(f"calibration: expected keys {sorted(known)}, got {sorted(d)}")
-        if d["version"] not in (1, VERSION):
-            raise ValueError(f"calibration version {d['version']!r} is not supported (this package reads 1 and {VERSION})")
+        if d["version"] not in SUPPORTED:
+            raise ValueError(f"calibration version {d['version']!r} is not supported (this package reads {SUPPORTED})")
         for key in ("edges", "region", "radius", "map_size"):
             if not isinstance(d[key], list):
                 raise TypeError(f"calibration {key} must be a list")
@@ -524,7 +562,7 @@ def conformal_coverage(cal: Optional[ConformalCalibration], prob_maps, truths, a
             signal_values = cal.signal_values(signal_values, N)
         g = cal.groups(np.zeros(N) if signal_values is None else signal_values)
         cuts = np.stack([cal.region_threshold(p, g) for p in levels], axis=1)
-    scores, areas = _scan(maps, answers, truths, cuts)
+    scores, areas = _scan(maps, answers, truths, cuts, refine=cal is None or cal.refines_top_cell)
     out = {}
     for a, p in enumerate(levels):
         hits = scores <= cuts[:, a] + _EPS

@@ -69,21 +69,59 @@ def test_regions_are_nested_and_hold_the_truth_exactly_when_its_score_is_below_t
     rng = np.random.default_rng(2)
     maps, truths, answers = _world(40, 30.0, 10.0, rng)
     maps[:, NLAT // 2:] = 0.0  # half of each map is flat zero: the floor orders those cells by distance
-    scores = region_scores(maps, truths, answers)
+    scores = region_scores(maps, truths, answers, refine=False)  # whole cells: the masks' regions exactly
     assert np.all((scores >= 0) & (scores <= 1 + 1e-9))
     assert len(np.unique(np.round(scores, 15))) > 35  # distinct, also where truths fall on zero cells
+    refined = region_scores(maps, truths, answers)
+    assert np.all(refined >= scores) and np.all(refined[scores > 0] == scores[scores > 0])  # only the densest cell
     for t in (0.2, 0.5, 0.9, 0.999999):
         masks = region_masks(maps, np.full(40, t), answers)
         rows, cols = zip(*[(int((90 - a) / 180 * NLAT), int((b + 180) / 360 * NLON) % NLON) for a, b in truths])
         inside = masks[np.arange(40), np.minimum(rows, NLAT - 1), cols]
         np.testing.assert_array_equal(inside, scores <= t + 1e-12)
-        area = region_areas_km2(maps, np.full(40, t), answers)
+        area = region_areas_km2(maps, np.full(40, t), answers, refine=False)
         np.testing.assert_allclose(area, (masks.reshape(40, -1) * AREA).sum(axis=1))
+        # refined regions: within the densest cell where the cut lies below its probability, else the same
+        fine = region_areas_km2(maps, np.full(40, t), answers)
+        several = masks.reshape(40, -1).sum(axis=1) > 1
+        assert several.any() and np.all(fine <= area * (1 + 1e-12))
+        np.testing.assert_allclose(fine[several], area[several])
     small, large = (region_masks(maps, np.full(40, t), answers) for t in (0.5, 0.9))
     assert not (small & ~large).any()
     # without answers (no floor), on maps without flat parts, the scores are calibration.truth_mass
     smooth, truths, _ = _world(40, 30.0, 10.0, rng)
     np.testing.assert_allclose(region_scores(smooth, truths, None), truth_mass(smooth, truths), atol=1e-12)
+
+
+def test_a_region_can_be_smaller_than_the_densest_cell_and_keeps_its_promise():
+    """Seen places: maps with 80% of their mass in one cell and the truth inside it.  Scored by whole cells,
+    every truth scores 0, so the 50% region is that cell and holds all of them; refined by the distance to
+    the answer, the 50% region is a disc of about 50 / 80 of the cell and holds 50% of new truths."""
+    rng = np.random.default_rng(5)
+    n, top = 1200, (NLAT // 2 - 3) * NLON + 7  # a cell near the equator
+    maps = np.full((n, NLAT * NLON), 0.2 / (NLAT * NLON - 1))
+    maps[:, top] = 0.8
+    maps = maps.reshape(n, NLAT, NLON)
+    lat0, lon0 = grid_points(NLAT, NLON).numpy()[top]
+    half_lat, half_lon = 90 / NLAT, 180 / NLON
+    truths = np.c_[lat0 + rng.uniform(-half_lat, half_lat, n), lon0 + rng.uniform(-half_lon, half_lon, n)]
+    answers = np.tile([lat0, lon0], (n, 1))
+    cal, test = slice(0, 400), slice(400, n)
+    whole = region_scores(maps, truths, answers, refine=False)
+    assert np.all(whole == 0)  # the old score: no region below one cell
+    scores = region_scores(maps, truths, answers)
+    assert 0 < scores.min() and scores.max() <= 0.8 + 1e-12
+    for p in (0.3, 0.5):
+        q = conformal_quantile(scores[cal], p)
+        covered = (scores[test] <= q).mean()
+        assert abs(covered - p) < 0.06, (p, covered)
+        assert (whole[test] <= conformal_quantile(whole[cal], p)).mean() == 1.0
+        area = region_areas_km2(maps[:1], [q], answers[:1])[0]
+        np.testing.assert_allclose(area, AREA[top] * q / 0.8, rtol=1e-3)  # the floor takes a little mass
+        assert region_masks(maps[:1], [q], answers[:1])[0].sum() == 1  # the cell the disc lies in
+    # a saved version-2 calibration keeps whole-cell scores; version 3 refines
+    assert not ConformalCalibration("none", (), ((0.1,),), ((1.0,),), (NLAT, NLON), version=2).refines_top_cell
+    assert ConformalCalibration("none", (), ((0.1,),), ((1.0,),), (NLAT, NLON)).refines_top_cell
 
 
 def test_mondrian_coverage_holds_in_each_group_where_one_group_cannot():
@@ -232,11 +270,15 @@ def test_version_1_calibrations_still_load_and_score_models_are_checked():
     v1 = {"version": 1, "signal": "none", "edges": [], "region": [[0.1, 0.2]], "radius": [[1.0, 2.0]],
           "map_size": [24, 48], "settings": {}}
     cal = ConformalCalibration.from_dict(v1)
-    assert cal.score_model is None and cal.to_dict()["version"] == 2
+    assert cal.score_model is None and not cal.refines_top_cell
+    assert cal.to_dict() == v1 and ConformalCalibration.from_dict(cal.to_dict()) == cal  # re-saved as it was read
     np.testing.assert_array_equal(cal.signal_values({}, 3), np.zeros(3))
     good = {"features": ["top_similarity"], "mean": [0.5], "scale": [0.1], "weights": [1.0], "bias": 0.0}
     doc = {**v1, "version": 2, "signal": "localizability", "score_model": good}
-    assert ConformalCalibration.from_dict(doc).score_model == good
+    v2 = ConformalCalibration.from_dict(doc)
+    assert v2.score_model == good and v2.to_dict()["version"] == 2 and not v2.refines_top_cell
+    with pytest.raises(ValueError, match=r"version 4 is not supported"):
+        ConformalCalibration.from_dict({**doc, "version": 4})
     bad = [({**doc, "score_model": None}, "needs its score_model"),
            ({**v1, "version": 2, "score_model": good}, "only it has one"),
            ({**doc, "score_model": {**good, "features": ["entropy"]}}, "features must be distinct names"),
@@ -247,3 +289,23 @@ def test_version_1_calibrations_still_load_and_score_models_are_checked():
     for d, msg in bad:
         with pytest.raises(ValueError, match=msg):
             ConformalCalibration.from_dict(d)
+
+
+def test_geolocation_regions_follow_the_calibrations_scores():
+    """``Geolocation.contains`` / ``credible_area_km2`` score points as the calibration was fitted: inside the
+    densest cell, by the distance to the answer (version 3), or the whole cell (saved before version 3)."""
+    from locdiff_ext.inference import Geolocation
+
+    top = (NLAT // 2 - 3) * NLON + 7
+    m = np.full(NLAT * NLON, 0.2 / (NLAT * NLON - 1))
+    m[top] = 0.8
+    m = m.reshape(NLAT, NLON)
+    lat0, lon0 = (float(v) for v in grid_points(NLAT, NLON).numpy()[top])
+    near_edge = (lat0 + 0.9 * 90 / NLAT, lon0)  # in the same cell, far from the answer
+    for version, whole in ((2, True), (3, False)):
+        cal = ConformalCalibration("none", (), ((0.0,) * 20,), ((100.0,) * 20,), (NLAT, NLON), version=version)
+        g = Geolocation(lat0, lon0, 1.0, prob_map=m, calibration=cal, uncalibrated_reason=None)
+        assert g.contains(lat0, lon0, 0.5)
+        assert g.contains(*near_edge, 0.5) == whole
+        assert g.credible_region(0.5)[np.unravel_index(top, (NLAT, NLON))]  # the cell it touches
+        np.testing.assert_allclose(g.credible_area_km2(0.5), AREA[top] if whole else 0.0, rtol=1e-6, atol=1e-6)
