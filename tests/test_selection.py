@@ -1,7 +1,6 @@
 """Issue 22: LocDiff-R anchored on its prior (prior_weight), the public hybrid (LocDiff-H), and both chosen on
 validation data (locdiff_ext.selection), saved with the model and used by predict / geolocate / the CLI."""
 
-import json
 import math
 
 import pytest

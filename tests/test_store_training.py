@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 import locdiff_ext as ld
 from locdiff_ext.data import EmbeddingDataset
-from locdiff_ext.data.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, read_checkpoint
-from locdiff_ext.data.index import GalleryIndex, NeighbourLists
-from locdiff_ext.data.store import EmbeddingStore, StoreError, write_store
+from locdiff_ext.data.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from locdiff_ext.data.index import GalleryIndex
+from locdiff_ext.data.store import EmbeddingStore, write_store
 from locdiff_ext.model.retrieval import Gallery, visible_neighbours
 from locdiff_ext.train import Trainer, TrainConfig
 

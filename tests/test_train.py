@@ -18,10 +18,6 @@ from locdiff_ext.train import Trainer, TrainConfig, lr_factor
 from helpers import REGION_CENTRES, ddp_train_worker, region_dataset, tiny_model
 
 
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_conditional_model_learns_eight_regions(tmp_path):
     """8 classes -> 8 regions: >= 90% of held-out predictions within 750 km of their region, and
     the logged training loss decreases (smoothed)."""
