@@ -11,8 +11,8 @@ with Wilson intervals, the median 90% area, and coverage within each group.
     python benchmarks/conformal_recalibrate.py --runs runs/conformal --seeds 0 1 2
 
 ``--text DIR`` does the same for python/text_benchmark.py's saved models (``--out DIR``, one split a
-directory or both in one): the anchored LocDiff-R of each split and seed on that split's validation places
-(calibration) and test places.
+directory or both in one): the anchored LocDiff-R of each split and seed, and the training-free kNN density
+(k, T as chosen in that run), on that split's validation places (calibration) and test places.
 """
 
 from __future__ import annotations
@@ -86,19 +86,29 @@ def text_split(run: Path, split: str, seeds) -> dict:
     n_val, n_test = int(round(len(places) * 0.1)), int(round(len(places) * 0.15))
     data = embedded(make_split(places, split, n_val, n_test, np.random.default_rng([args["data_seed"], SPLITS.index(split)])),
                     run / f"embeddings-{split}-{args['data_seed']}-{len(places)}.pt")
-    (va_e, va_c, _), (te_e, te_c, _) = data["val"], data["test"]
+    (tr_e, tr_c, _), (va_e, va_c, _), (te_e, te_c, _) = data["train"], data["val"], data["test"]
+    knn = json.loads((run / "results.json").read_text())[split]["knn_density_chosen"]
+    density = KNNDensity(tr_e, tr_c, k=knn["k"], temperature=knn["temperature"], L=args["L"])
+
+    def model_runs(seed):
+        m = LocDiff.from_pretrained(run / f"model-{split}-seed{seed}")
+        return run_as_numpy(run_with_maps(m, va_e, seed=seed)), run_as_numpy(run_with_maps(m, te_e, seed=seed))
+
+    def density_runs(_):
+        return run_as_numpy(knn_run_with_maps(density, va_e)), run_as_numpy(knn_run_with_maps(density, te_e))
+
+    methods = [(f"seed {s}", model_runs, s) for s in seeds]
+    methods.append((f"kNN density (k={knn['k']}, T={knn['temperature']:g}), training-free", density_runs, args["data_seed"]))
     out = {}
-    for seed in seeds:
-        model = LocDiff.from_pretrained(run / f"model-{split}-seed{seed}")
-        v = run_as_numpy(run_with_maps(model, va_e, seed=seed))
-        t = run_as_numpy(run_with_maps(model, te_e, seed=seed))
+    for name, go, seed in methods:
+        v, t = go(seed)
         for label, learn in (("single signals", False), ("learnt localizability", True)):
             cal, _ = fit_conformal(v["maps"], va_c.double().numpy(), v["answers"], v["signals"], v["settings"],
                                    seed=seed, learn=learn)
             cov = conformal_coverage(cal, t["maps"], te_c.double().numpy(), t["answers"], t["signals"])
             row = {"signal": cal.signal, "sizes": cal.sizes, **{str(p): cov[p] for p in (0.5, 0.9)}}
-            out[f"seed {seed}, {label}"] = row
-            print(f"{split} | seed {seed} | {label} | {cal.describe()} | " + " | ".join(
+            out[f"{name}, {label}"] = row
+            print(f"{split} | {name} | {label} | {cal.describe()} | " + " | ".join(
                 f"{p:.0%}: {100 * cov[p]['coverage']:.1f} [{100 * cov[p]['lo']:.1f}, {100 * cov[p]['hi']:.1f}], "
                 f"area {cov[p]['median_area_km2'] / 1e6:.3g}" for p in (0.5, 0.9)), flush=True)
     return out
