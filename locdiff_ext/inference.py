@@ -100,8 +100,9 @@ class Geolocation:
         return region_masks(self._map()[None], [t], [[self.lat, self.lon]])[0]
 
     def credible_area_km2(self, p: float = 0.9, calibrated: Optional[bool] = None) -> float:
-        """Area (km^2) of ``credible_region(p)``: how far to trust the answer (the Earth is 5.1e8 km^2);
-        its resolution is that of the map (``map_size``)."""
+        """Area (km^2) of the p region: how far to trust the answer (the Earth is 5.1e8 km^2); that of
+        ``credible_region(p)``'s cells, but a region that is a disc inside the densest cell counts its share
+        of that cell only.  Its resolution is otherwise that of the map (``map_size``)."""
         t, refine = self._threshold(p, calibrated)
         return float(region_areas_km2(self._map()[None], [t], [[self.lat, self.lon]], refine)[0])
 
