@@ -138,9 +138,10 @@ def _chunks(n: int, size: int = 64):
 
 
 def _top_cells(m: np.ndarray, key: np.ndarray, area: np.ndarray):
-    """Per map: the probability [n] and area [n] (km^2) of its densest cell(s) (the cells of the smallest key)."""
+    """Per map: the probability [n] and area [n] (km^2) of its densest cell(s) (the cells of the smallest key),
+    and which cells those are [n, C]."""
     top = key == key.min(axis=1, keepdims=True)
-    return (m * top).sum(axis=1), (area[None, :] * top).sum(axis=1)
+    return (m * top).sum(axis=1), (area[None, :] * top).sum(axis=1), top
 
 
 def _scan(maps: np.ndarray, answers: Optional[np.ndarray], truths: Optional[np.ndarray] = None,
@@ -163,12 +164,12 @@ def _scan(maps: np.ndarray, answers: Optional[np.ndarray], truths: Optional[np.n
     for i, j in _chunks(N):
         m, key, area = _keys(maps[i:j], None if answers is None else answers[i:j])
         if refine:
-            m_top, a_top = _top_cells(m, key, area)
+            m_top, a_top, top = _top_cells(m, key, area)
         if truths is not None:
             kt = key[np.arange(j - i), cell[i:j]]
             scores[i:j] = (m * (key < kt[:, None])).sum(axis=1)
             if refine:
-                inside = (kt == key.min(axis=1)) & ~np.isnan(answers[i:j]).any(axis=1)
+                inside = top[np.arange(j - i), cell[i:j]] & ~np.isnan(answers[i:j]).any(axis=1)
                 d = great_circle_km(torch.from_numpy(np.nan_to_num(answers[i:j])),
                                     torch.from_numpy(np.asarray(truths[i:j], dtype=np.float64))).numpy()
                 share = np.minimum(1.0, d ** 2 * np.pi / a_top)
