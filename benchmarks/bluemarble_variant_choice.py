@@ -11,23 +11,23 @@ demo's selection score, the mean % within 25 / 200 / 750 / 2500 km, per validati
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from locdiff_ext.datasets.demo import DemoConfig, build_dataset, selection_score, validation_sets
+from locdiff_ext.datasets.demo import build_dataset, selection_score, validation_sets
 from locdiff_ext.evaluation import geolocation_metrics
 from locdiff_ext.locdiff import LocDiff
 from locdiff_ext.model.retrieval import KNNDensity
+
+from conformal_recalibrate import demo_config  # this folder's script: the run's recorded DemoConfig
 
 
 @torch.no_grad()
 def one_seed(run: Path) -> dict:
     results = json.loads((run / "demo" / "results.json").read_text())
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items() if k in known})
+    cfg = demo_config(results)
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=cfg.seed)
     model = LocDiff.from_pretrained(run / "demo-model").eval()
     if model.query_map is None:

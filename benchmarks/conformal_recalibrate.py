@@ -34,10 +34,15 @@ from locdiff_ext.model.retrieval import KNNDensity
 SINGLE = ("mode_score", "top_similarity")
 
 
+def demo_config(results: dict) -> DemoConfig:
+    """The DemoConfig a protocol run recorded in its results.json."""
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    return DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items() if k in known})
+
+
 def one_seed(run: Path, encoder: str, seed: int) -> dict:
     results = json.loads((run / "demo" / "results.json").read_text())
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items() if k in known})
+    cfg = demo_config(results)
     assert cfg.seed == seed and cfg.encoder == encoder, (cfg.seed, cfg.encoder)
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=cfg.seed)
     _, emb = image_features(data, cfg, False)
