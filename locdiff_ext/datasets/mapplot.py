@@ -124,9 +124,29 @@ def write_prediction_map(path: os.PathLike, model, crops: np.ndarray, truths: np
 
 
 
-def _same_curve(a, b) -> bool:
-    return len(a) == len(b) and all(np.allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), atol=1e-12)
+NEAR = 0.005  # curves whose coverages differ by at most this at every level are drawn once, "~"
+
+
+def _same_curve(a, b, atol: float = 1e-12) -> bool:
+    return len(a) == len(b) and all(np.allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), atol=atol, rtol=0)
                                     for x, y in zip(a, b))
+
+
+def _near_curve(a, b) -> bool:
+    """The same levels and coverages within NEAR (half a point): one curve would hide the other (two splits
+    of the same maps whose groups differ by one item)."""
+    return _same_curve(a[:1], b[:1]) and _same_curve(a[1:2], b[1:2], NEAR)
+
+
+def merge_curves(curves: dict) -> dict:
+    """The curves to draw: identical ones (e.g. a LocDiff-R that chose its prior alone) once, names joined by
+    "=", and near ones (``_near_curve``) once, joined by "~" (the first's coverages drawn)."""
+    merged: dict = {}
+    for name, curve in curves.items():
+        same = next((k for k, c in merged.items() if _same_curve(c, curve)), None)
+        near = same or next((k for k, c in merged.items() if _near_curve(c, curve)), None)
+        merged[f"{near} {'=' if same else '~'} {name}" if near else name] = merged.pop(near) if near else curve
+    return merged
 
 
 def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibration of the credible regions") -> Path:
@@ -135,10 +155,7 @@ def write_reliability_plot(path: os.PathLike, curves: dict, title: str = "calibr
     calibrated method lies on the diagonal."""
     from PIL import Image, ImageDraw, ImageFont
 
-    merged: dict = {}  # identical curves (e.g. a LocDiff-R that chose its prior alone) drawn once, names joined
-    for name, curve in curves.items():
-        same = next((k for k, c in merged.items() if _same_curve(c, curve)), None)
-        merged[f"{same} = {name}" if same else name] = merged.pop(same) if same else curve
+    merged = merge_curves(curves)
     side, pad = 400, 60
     W, H = pad + side + max(300, 50 + int(6.5 * max(map(len, merged), default=0))), pad + side + 60
     img = Image.new("RGB", (W, H), (255, 255, 255))

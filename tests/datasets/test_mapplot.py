@@ -1,8 +1,8 @@
-"""The reliability plot: each curve with its band, identical curves drawn once under both names."""
+"""The reliability plot: each curve with its band, identical (or all but identical) curves drawn once under both names."""
 
 from PIL import Image
 
-from locdiff_ext.datasets.mapplot import write_reliability_plot
+from locdiff_ext.datasets.mapplot import merge_curves, write_reliability_plot
 
 
 def test_identical_curves_are_drawn_once_and_the_legend_fits(tmp_path):
@@ -17,3 +17,12 @@ def test_identical_curves_are_drawn_once_and_the_legend_fits(tmp_path):
         colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
     assert (214, 39, 40) in colours and (31, 119, 180) in colours  # two curves drawn
     assert (255, 127, 14) not in colours  # no third colour: the identical curve was merged
+
+
+def test_curves_within_half_a_point_are_drawn_once_joined_by_a_tilde():
+    levels = [0.1, 0.5, 0.9]
+    a = (levels, [0.1, 0.3, 0.5], [(0.05, 0.15)] * 3)
+    near = (levels, [0.1, 0.304, 0.5], [(0.05, 0.15)] * 3)  # one item of 250 apart: would hide under a
+    apart = (levels, [0.1, 0.31, 0.5], [(0.05, 0.15)] * 3)
+    assert list(merge_curves({"x": a, "y": near, "z": apart})) == ["x ~ y", "z"]
+    assert list(merge_curves({"x": a, "y": a})) == ["x = y"]
