@@ -4,9 +4,17 @@ For a demo run (its seed's crops, features and saved model), on the validation c
 seen places: how well each neighbour signal tells the two apart (ROC AUC), and what per-split coverage Mondrian
 groups by the best similarity (2-10 groups) and by a learnt "how localizable" score reach, the conformal fit
 made on one random half and tested on the other (repeated).  The learnt score: a logistic regression on eight
-neighbour features predicting "answer within 200 km" (``--target split`` predicts the split itself instead).
+neighbour features predicting "answer within 200 km" (``--target split`` predicts the split itself instead),
+fitted with and without a ninth, the *relative* similarity (the best similarity minus the mean of the best 8
+neighbours' own best similarity to the rest of the gallery: a local-outlier-factor idea, since lookalikes in a
+uniform landscape are similar to anything there).  The last row is the ceiling: groups by the split itself,
+which no query knows.
 
     python benchmarks/conformal_signals.py --model runs/conformal/efficientnet_seed0/demo-model --seed 0
+    python benchmarks/conformal_signals.py --model runs/bm-learned/efficientnet_seed0/demo-model --seed 0 --top8 --target split
+
+(the second: the learned-map protocol runs of BENCHMARKS.md 4c; what BENCHMARKS.md 6 "How far query-time groups
+can go" reports).
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from locdiff_ext.datasets.demo import MAP_SIZE, DemoConfig, build_dataset, image
 from locdiff_ext.evaluation.conformal import conformal_quantile, radius_scores, region_scores
 from locdiff_ext.kernels.geometry import great_circle_km
 from locdiff_ext.locdiff import LocDiff
+from locdiff_ext.model.metric import map_queries
 from locdiff_ext.model.retrieval import query_signals
+
+RELATIVE = "relative similarity (best minus its top 8's own best)"
 
 
 def auc(y: np.ndarray, x: np.ndarray) -> float:
@@ -46,7 +57,27 @@ def features(model: LocDiff, emb: torch.Tensor) -> dict:
     d = great_circle_km(nc.reshape(-1, 2).double(), nc[:, 0].repeat_interleave(64, 0).double()).reshape(-1, 64)
     out["share of top 64 within 600 km of the 1st"] = (d < 600).double().mean(1)
     out["log median distance of top 64 to the 1st"] = -torch.log1p(d.median(1).values)
+    g = model.gallery.embeddings
+    own = gallery_best_similarity(g, map_queries(g, model.query_map))
+    ids = gallery_ids(model, emb, 8)
+    out[RELATIVE] = sims[:, 0].double() - own[ids].mean(1)
     return {k: v.double().numpy() for k, v in out.items()}
+
+
+def gallery_best_similarity(gallery: torch.Tensor, queries: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each gallery row's best similarity [G] (float64) to another row, its search query ``queries`` [G, D]."""
+    out = []
+    for i in range(0, len(gallery), chunk):
+        s = queries[i:i + chunk] @ gallery.T
+        s[torch.arange(s.shape[0]), torch.arange(i, i + s.shape[0])] = -2.0
+        out.append(s.max(1).values)
+    return torch.cat(out).double()
+
+
+def gallery_ids(model: LocDiff, emb: torch.Tensor, k: int) -> torch.Tensor:
+    """The row numbers [B, k] of the best ``k`` gallery rows of each query (the search returns coordinates)."""
+    q = map_queries(emb, model.query_map)
+    return torch.cat([(q[i:i + 1024] @ model.gallery.embeddings.T).topk(k, dim=1).indices for i in range(0, len(q), 1024)])
 
 
 def logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
@@ -73,9 +104,10 @@ def ridge(X: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
     return -w
 
 
-def grouped_coverage(score, signal_a, signal_b, a, b, split, groups: int) -> dict:
-    """Conformal thresholds per quantile group of ``signal_a`` on items ``a``, coverage of items ``b`` per split."""
-    edges = np.quantile(signal_a, np.arange(1, groups) / groups)
+def grouped_coverage(score, signal_a, signal_b, a, b, split, groups: int, edges=None) -> dict:
+    """Conformal thresholds per quantile group of ``signal_a`` on items ``a`` (or per group of the given
+    ``edges``), coverage of items ``b`` per split."""
+    edges = np.quantile(signal_a, np.arange(1, groups) / groups) if edges is None else edges
     ga, gb = np.searchsorted(edges, signal_a), np.searchsorted(edges, signal_b)
     out = {}
     for p in (0.5, 0.9):
@@ -96,10 +128,10 @@ def main(argv=None) -> None:
     ap.add_argument("--top8", action="store_true", help="features of the 8 best neighbours and the mode's score only")
     args = ap.parse_args(argv)
     cfg = DemoConfig(seed=args.seed)
+    model = LocDiff.from_pretrained(args.model)  # first: a wrong path fails before the crops are embedded
     data = build_dataset(cfg.num_crops, cfg.crop_px, cfg.image_px, seed=args.seed)
     _, emb = image_features(data, cfg, False)
     val, _ = validation_sets(data, cfg)
-    model = LocDiff.from_pretrained(args.model)
     idx = np.concatenate([val["region"], val["random"]])
     split = np.r_[np.zeros(len(val["region"])), np.ones(len(val["random"]))]
     run = run_with_maps(model, emb[idx], MAP_SIZE, seed=args.seed)
@@ -120,19 +152,26 @@ def main(argv=None) -> None:
         feats["mode score"] = run["signals"]["mode_score"].numpy()
         X = np.stack(list(feats.values()), 1)
         X = (X - X.mean(0)) / X.std(0)
-    rows, aucs = {}, []
+    plain = [k for k in feats if k != RELATIVE]  # the features without the relative similarity
+    rows, aucs = {}, {}
     for _ in range(args.repeats):
         perm = rng.permutation(len(idx))
         a, b = perm[: len(idx) // 2], perm[len(idx) // 2:]
         for G in (1, 2, 4, 6, 8, 10):
             cov = grouped_coverage(score, feats["top similarity"][a], feats["top similarity"][b], a, b, split, G)
             rows.setdefault(f"top similarity, {G} group{'s' if G > 1 else ''}", []).append(cov)
-        w = ridge(X[a], score[a]) if args.target == "score" else logistic(X[a], target[a])
-        la, lb = X[a] @ w[:-1], X[b] @ w[:-1]
-        aucs.append(auc(split[b], lb))
-        rows.setdefault(f"learnt score ({args.target}), 4 groups", []).append(
-            grouped_coverage(score, la, lb, a, b, split, 4))
-    print(f"\nlearnt score: ROC AUC seen vs unseen {np.mean(aucs):.3f} on the held-out halves")
+        for label, cols in (("", [list(feats).index(k) for k in plain]), (", with the relative similarity", slice(None))):
+            Xs = X[:, cols]
+            w = ridge(Xs[a], score[a]) if args.target == "score" else logistic(Xs[a], target[a])
+            la, lb = Xs[a] @ w[:-1], Xs[b] @ w[:-1]
+            aucs.setdefault(label, []).append(auc(split[b], lb))
+            for G in (4, 8):
+                rows.setdefault(f"learnt score ({args.target}){label}, {G} groups", []).append(
+                    grouped_coverage(score, la, lb, a, b, split, G))
+        rows.setdefault("the split itself (the ceiling: no query knows it), 2 groups", []).append(
+            grouped_coverage(score, split[a], split[b], a, b, split, 2, edges=np.array([0.5])))
+    for label, v in aucs.items():
+        print(f"\nlearnt score{label}: ROC AUC seen vs unseen {np.mean(v):.3f} on the held-out halves")
     print(f"\nCoverage per split, mean over {args.repeats} random halves (fit on one, tested on the other):\n")
     print("| groups by | unseen 50% | unseen 90% | seen 50% | seen 90% |\n|---|---:|---:|---:|---:|")
     for name, covs in rows.items():
