@@ -7,8 +7,9 @@ made on one random half and tested on the other (repeated).  The learnt score: a
 neighbour features predicting "answer within 200 km" (``--target split`` predicts the split itself instead),
 fitted with and without a ninth, the *relative* similarity (the best similarity minus the mean of the best 8
 neighbours' own best similarity to the rest of the gallery: a local-outlier-factor idea, since lookalikes in a
-uniform landscape are similar to anything there).  The last row is the ceiling: groups by the split itself,
-which no query knows.
+uniform landscape are similar to anything there).  Beside the groups, one normalised score as in adaptive
+geodesic conformal prediction (arXiv 2602.16015): the region score divided by a ridge prediction of it from the
+same features, one cut for all.  The last row is the ceiling: groups by the split itself, which no query knows.
 
     python benchmarks/conformal_signals.py --model runs/conformal/efficientnet_seed0/demo-model --seed 0
     python benchmarks/conformal_signals.py --model runs/bm-learned/efficientnet_seed0/demo-model --seed 0 --top8 --target split
@@ -118,6 +119,19 @@ def grouped_coverage(score, signal_a, signal_b, a, b, split, groups: int, edges=
     return out
 
 
+def normalised_coverage(score, X, a, b, split) -> dict:
+    """AGCP-style: the score over a difficulty ``sigma`` (a ridge prediction of the score from ``X``, fitted
+    on items ``a``, floored at 1e-3), one conformal cut of the ratio; coverage of items ``b`` per split."""
+    w = -ridge(X[a], score[a])
+    sigma = np.maximum(X @ w[:-1] + w[-1], 1e-3)
+    out = {}
+    for p in (0.5, 0.9):
+        hit = score[b] <= conformal_quantile(score[a] / sigma[a], p) * sigma[b] + 1e-12
+        for s, name in ((0, "unseen"), (1, "seen")):
+            out[(name, p)] = hit[split[b] == s].mean()
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the demo-model directory of that run")
@@ -168,6 +182,8 @@ def main(argv=None) -> None:
             for G in (4, 8):
                 rows.setdefault(f"learnt score ({args.target}){label}, {G} groups", []).append(
                     grouped_coverage(score, la, lb, a, b, split, G))
+        rows.setdefault("normalised score (AGCP-style, every feature), one cut", []).append(
+            normalised_coverage(score, X, a, b, split))
         rows.setdefault("the split itself (the ceiling: no query knows it), 2 groups", []).append(
             grouped_coverage(score, split[a], split[b], a, b, split, 2, edges=np.array([0.5])))
     for label, v in aucs.items():
