@@ -28,6 +28,15 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def query_like_inputs(model: "ld.LocDiff", n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` inputs [n, D] like real queries: random gallery rows plus noise (random vectors without a gallery)."""
+    g = torch.Generator().manual_seed(seed)
+    if model.gallery is not None and model.gallery.embeddings.shape[0]:
+        emb = model.gallery.embeddings[torch.randint(0, model.gallery.embeddings.shape[0], (n,), generator=g)].float()
+        return emb + 0.3 * emb.std() * torch.randn(emb.shape, generator=g)
+    return torch.randn(n, model.config.cond_dim, generator=g)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="a saved, calibrated model directory")
@@ -38,12 +47,7 @@ def main(argv=None) -> None:
     if model.calibration is None:
         raise SystemExit(f"{args.model} holds no calibration: run `locdiff calibrate` on it first")
     cal = model.calibration
-    g = torch.Generator().manual_seed(0)
-    if model.gallery is not None and model.gallery.embeddings.shape[0]:  # like real queries: gallery rows + noise
-        emb = model.gallery.embeddings[torch.randint(0, model.gallery.embeddings.shape[0], (args.n,), generator=g)]
-        emb = emb.float() + 0.3 * emb.float().std() * torch.randn(emb.shape, generator=g)
-    else:
-        emb = torch.randn(args.n, model.config.cond_dim, generator=g)
+    emb = query_like_inputs(model, args.n)
     size = tuple(cal.map_size)
 
     def geolocate(calibrated: bool, return_map: bool):

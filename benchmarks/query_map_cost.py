@@ -3,7 +3,8 @@
 One saved learned-map model, timed side by side and interleaved (these machines are noisy) against its cosine
 twin: the same weights and gallery with the map removed (``query_map = None``; its answers differ, its cost is
 what a cosine model of the same size pays).  Calibration is removed from both, so only the search differs: the
-map is one [B, D] x [D, D] product before the gallery search.  Inputs: random gallery rows plus noise.
+map is one [B, D] x [D, D] product before the gallery search.  Inputs: random gallery rows plus noise, as in
+calibration_overhead.py.
 
     python benchmarks/query_map_cost.py --model runs/bm-learned/efficientnet_seed0/demo-model --n 64 --repeats 7
 """
@@ -12,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import locdiff_ext as ld
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibration_overhead import query_like_inputs  # noqa: E402  (a sibling script)
 
 
 def main(argv=None) -> None:
@@ -30,9 +36,7 @@ def main(argv=None) -> None:
     if learned is None:
         raise SystemExit(f"{args.model} searches by cosine similarity: there is no map to time")
     model.calibration = None
-    g = torch.Generator().manual_seed(0)
-    emb = model.gallery.embeddings[torch.randint(0, len(model.gallery), (args.n,), generator=g)].float()
-    emb = emb + 0.3 * emb.std() * torch.randn(emb.shape, generator=g)
+    emb = query_like_inputs(model, args.n)
 
     def call(with_map: bool, return_map: bool) -> float:
         model.query_map = learned if with_map else None
