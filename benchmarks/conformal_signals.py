@@ -9,7 +9,7 @@ fitted with and without a ninth, the *relative* similarity (the best similarity 
 neighbours' own best similarity to the rest of the gallery: a local-outlier-factor idea, since lookalikes in a
 uniform landscape are similar to anything there).  Beside the groups, one normalised score as in adaptive
 geodesic conformal prediction (arXiv 2602.16015): the region score divided by a ridge prediction of it from the
-same features, one cut for all.  The last row is the ceiling: groups by the split itself, which no query knows.
+same features, one cut for all; and a per-level mix of the two (``normalised_coverage``).  The last row is the ceiling: groups by the split itself, which no query knows.
 
     python benchmarks/conformal_signals.py --model runs/conformal/efficientnet_seed0/demo-model --seed 0
     python benchmarks/conformal_signals.py --model runs/bm-learned/efficientnet_seed0/demo-model --seed 0 --top8 --target split
@@ -119,14 +119,27 @@ def grouped_coverage(score, signal_a, signal_b, a, b, split, groups: int, edges=
     return out
 
 
-def normalised_coverage(score, X, a, b, split) -> dict:
+def normalised_coverage(score, X, a, b, split, p_star=None) -> dict:
     """AGCP-style: the score over a difficulty ``sigma`` (a ridge prediction of the score from ``X``, fitted
-    on items ``a``, floored at 1e-3), one conformal cut of the ratio; coverage of items ``b`` per split."""
+    on items ``a``, floored at 1e-3), one conformal cut of the ratio; coverage of items ``b`` per split.
+    With ``p_star``, the per-level mix: up to p_star the cuts of 4 quantile groups of that prediction (the
+    library's groups), above it the larger of the normalised cut and the grouped cut at p_star (so that the
+    regions stay nested)."""
     w = -ridge(X[a], score[a])
-    sigma = np.maximum(X @ w[:-1] + w[-1], 1e-3)
+    pred = X @ w[:-1] + w[-1]
+    sigma = np.maximum(pred, 1e-3)
+    edges = np.quantile(pred[a], [0.25, 0.5, 0.75])
+    ga, gb = np.searchsorted(edges, pred[a]), np.searchsorted(edges, pred[b])
+
+    def grouped(p):
+        return np.array([conformal_quantile(score[a][ga == g], p) for g in range(4)])[gb]
+
     out = {}
     for p in (0.5, 0.9):
-        hit = score[b] <= conformal_quantile(score[a] / sigma[a], p) * sigma[b] + 1e-12
+        cut = conformal_quantile(score[a] / sigma[a], p) * sigma[b]
+        if p_star is not None:
+            cut = grouped(p) if p <= p_star else np.maximum(cut, grouped(p_star))
+        hit = score[b] <= cut + 1e-12
         for s, name in ((0, "unseen"), (1, "seen")):
             out[(name, p)] = hit[split[b] == s].mean()
     return out
@@ -184,6 +197,9 @@ def main(argv=None) -> None:
                     grouped_coverage(score, la, lb, a, b, split, G))
         rows.setdefault("normalised score (AGCP-style, every feature), one cut", []).append(
             normalised_coverage(score, X, a, b, split))
+        for p_star in (0.5, 0.75):
+            rows.setdefault(f"per-level mix: grouped up to {p_star:g}, then normalised (nested)", []).append(
+                normalised_coverage(score, X, a, b, split, p_star))
         rows.setdefault("the split itself (the ceiling: no query knows it), 2 groups", []).append(
             grouped_coverage(score, split[a], split[b], a, b, split, 2, edges=np.array([0.5])))
     for label, v in aucs.items():
