@@ -9,7 +9,8 @@ fitted with and without a ninth, the *relative* similarity (the best similarity 
 neighbours' own best similarity to the rest of the gallery: a local-outlier-factor idea, since lookalikes in a
 uniform landscape are similar to anything there).  Beside the groups, one normalised score as in adaptive
 geodesic conformal prediction (arXiv 2602.16015): the region score divided by a ridge prediction of it from the
-same features, one cut for all; and a per-level mix of the two (``normalised_coverage``).  The last row is the ceiling: groups by the split itself, which no query knows.
+same features, one cut for all; and a per-level mix of the two (``normalised_coverage``).  The last row is the
+ceiling: groups by the split itself, which no query knows.
 
     python benchmarks/conformal_signals.py --model runs/conformal/efficientnet_seed0/demo-model --seed 0
     python benchmarks/conformal_signals.py --model runs/bm-learned/efficientnet_seed0/demo-model --seed 0 --top8 --target split
