@@ -28,6 +28,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def interleaved_medians(fn, repeats: int):
+    """(median time of fn(False), median time of fn(True)) over ``repeats`` interleaved pairs, False first:
+    side by side, so that a noisy machine slows both alike."""
+    off, on = [], []
+    for _ in range(repeats):
+        off.append(timed(lambda: fn(False)))
+        on.append(timed(lambda: fn(True)))
+    return statistics.median(off), statistics.median(on)
+
+
 def query_like_inputs(model: "ld.LocDiff", n: int, seed: int = 0) -> torch.Tensor:
     """``n`` inputs [n, D] like real queries: random gallery rows plus noise (random vectors without a gallery)."""
     g = torch.Generator().manual_seed(seed)
@@ -72,11 +82,7 @@ def main(argv=None) -> None:
                          ("geolocate(return_map=True)", lambda c: geolocate(c, True)),
                          ("credible_area_km2(0.9) of every result", areas),
                          ("radius_km(0.9) of every result", radii)]:
-            on, off = [], []
-            for _ in range(args.repeats):
-                off.append(timed(lambda: fn(False)))
-                on.append(timed(lambda: fn(True)))
-            rows[name] = (statistics.median(off), statistics.median(on))
+            rows[name] = interleaved_medians(fn, args.repeats)
     model.calibration = cal
     print(f"model {args.model}: {cal.describe()}; {args.n} inputs, map {size[0]} x {size[1]}, "
           f"median of {args.repeats} interleaved repeats, {torch.get_num_threads()} threads")

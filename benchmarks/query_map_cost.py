@@ -12,9 +12,7 @@ calibration_overhead.py.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ import torch
 import locdiff_ext as ld
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibration_overhead import query_like_inputs  # noqa: E402  (a sibling script)
+from calibration_overhead import interleaved_medians, query_like_inputs  # noqa: E402  (a sibling script)
 
 
 def main(argv=None) -> None:
@@ -38,19 +36,13 @@ def main(argv=None) -> None:
     model.calibration = None
     emb = query_like_inputs(model, args.n)
 
-    def call(with_map: bool, return_map: bool) -> float:
-        model.query_map = learned if with_map else None
-        t = time.perf_counter()
-        ld.geolocate(emb, model=model, return_map=return_map)
-        return time.perf_counter() - t
-
     for return_map in (False, True):
-        call(True, return_map), call(False, return_map)  # warm-up
-        times = {True: [], False: []}
-        for _ in range(args.repeats):
-            for with_map in (True, False):
-                times[with_map].append(call(with_map, return_map))
-        a, b = statistics.median(times[True]), statistics.median(times[False])
+        def call(with_map: bool) -> None:
+            model.query_map = learned if with_map else None
+            ld.geolocate(emb, model=model, return_map=return_map)
+
+        call(True), call(False)  # warm-up
+        b, a = interleaved_medians(call, args.repeats)
         print(f"geolocate(return_map={return_map}), {args.n} inputs: learned map {a:.3f} s, cosine twin {b:.3f} s, "
               f"learned / cosine {a / b:.3f} (medians of {args.repeats}, {torch.get_num_threads()} threads)", flush=True)
 
