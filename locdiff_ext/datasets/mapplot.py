@@ -128,7 +128,7 @@ NEAR = 0.005  # curves whose coverages differ by at most this at every level are
 
 
 def _same_curve(a, b, atol: float = 1e-12) -> bool:
-    return len(a) == len(b) and all(np.allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), atol=atol, rtol=0)
+    return len(a) == len(b) and all(np.allclose(np.asarray(x, dtype=float), np.asarray(y, dtype=float), atol=atol)
                                     for x, y in zip(a, b))
 
 
