@@ -70,13 +70,11 @@ def knn_run_with_maps(knn, embeddings: Tensor, map_size: Tuple[int, int] = (180,
 
 def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tuple[int, int] = (180, 360),
               seed: int = 0, batch_size: int = 64, min_group: int = 100, max_groups: int = 4, progress: bool = False,
-              strata=None, **inference) -> Dict[str, Any]:
+              **inference) -> Dict[str, Any]:
     """Fits the model's conformal regions and radius on held-out ``embeddings`` [N, D] and ``coords`` [N, 2]
     (never the test data; at least ``MIN_ITEMS``) at ``map_size``, with the inference settings that
     ``geolocate`` will use (``inference``: num_samples, steps, prior_weight, hybrid, ...; default the
-    model's), and sets ``model.calibration``.  ``strata`` [N]: the rows' kinds (e.g. seen / unseen places),
-    known here and never at query time, by which ``fit_conformal`` judges whether normalised regions hold
-    each kind's coverage better.  Returns the fit's report with the in-sample coverage."""
+    model's), and sets ``model.calibration``.  Returns the fit's report with the in-sample coverage."""
     emb = validate_embeddings(embeddings, "embeddings", model.config.cond_dim).to(model.device)
     coords = validate_coords(coords, "coords")
     if coords.shape[0] != emb.shape[0]:
@@ -91,7 +89,7 @@ def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tupl
         raise ValueError(f"the model found no answer for {int(missing.sum())} calibration inputs")
     truth = coords.double().cpu().numpy()
     cal, report = fit_conformal(run["maps"], truth, run["answers"], run["signals"], run["settings"],
-                                min_group=min_group, max_groups=max_groups, seed=seed, strata=strata)
+                                min_group=min_group, max_groups=max_groups, seed=seed)
     model.calibration = cal
     report["in_sample"] = conformal_coverage(cal, run["maps"], truth, run["answers"], run["signals"])
     report["raw"] = conformal_coverage(None, run["maps"], truth, run["answers"])
@@ -100,24 +98,18 @@ def calibrate(model: LocDiff, embeddings: Tensor, coords: Tensor, map_size: Tupl
 
 
 def calibrate_and_save(model: LocDiff, val_data, directory, seed: int = 0, rows: int = 2000, log=print,
-                       strata=None, **kwargs) -> Optional[Dict[str, Any]]:
-    """``calibrate`` on up to ``rows`` random rows of ``val_data`` (an EmbeddingDataset or EmbeddingStore;
-    ``strata``: one label per row of it, ``calibrate``'s) and the calibration saved into the model directory
-    ``directory`` (the weights are not rewritten).  None, with a line saying why, when the validation data
-    is too small."""
+                       **kwargs) -> Optional[Dict[str, Any]]:
+    """``calibrate`` on up to ``rows`` random rows of ``val_data`` (an EmbeddingDataset or EmbeddingStore)
+    and the calibration saved into the model directory ``directory`` (the weights are not rewritten).
+    None, with a line saying why, when the validation data is too small."""
     n = len(val_data)
-    if strata is not None:
-        strata = np.asarray(strata)
-        if strata.shape != (n,):
-            raise ValueError(f"strata must hold one label per row of the data ({n}), got shape {strata.shape}")
     if n < MIN_ITEMS:
         log(f"not calibrated: {n} validation rows, at least {MIN_ITEMS} are needed")
         return None
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
     part = val_data.take(idx)
     kwargs.setdefault("min_group", max(MIN_ITEMS, min(100, len(part) // 2)))
-    report = calibrate(model, part.embeddings, part.coords, seed=seed,
-                       strata=None if strata is None else strata[idx.numpy()], **kwargs)
+    report = calibrate(model, part.embeddings, part.coords, seed=seed, **kwargs)
     update_documents(Path(directory), {"calibration": model.calibration.to_dict()})
     log(summary(report, model))
     return report

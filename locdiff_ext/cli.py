@@ -248,9 +248,8 @@ def _calibrate(args) -> int:
     model = _load_model(args)
     path = _model_dir(args.model) if args.model else default_model_dir()
     data = _load_data(args.data, args.coords)
-    strata = _read_labels(args.strata, "--strata") if args.strata else None
     report = calibrate_and_save(model, data, path, seed=args.seed, rows=args.rows, map_size=tuple(args.map_size),
-                                batch_size=args.batch_size, progress=not args.no_progress, strata=strata,
+                                batch_size=args.batch_size, progress=not args.no_progress,
                                 num_samples=args.num_samples, steps=args.steps, hybrid=args.hybrid,
                                 prior_weight=args.prior_weight)
     if report is None:
@@ -259,23 +258,7 @@ def _calibrate(args) -> int:
                           "calibrated (in sample: >= the level by construction)": report["in_sample"]}))
     print(f"saved into {path}/calibration.json; candidate signals (geometric-mean 90% area, km^2, cross-fitted): "
           + ", ".join(f"{k} {v:.3g}" for k, v in report["candidates"].items()))
-    if "strata" in report:
-        st = report["strata"]
-        print("normalised regions: " + (st.get("why") or "mean per-stratum coverage error, cross-fitted: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in st["errors"].items()) + f"; chosen: p* = {st['p_star']}"))
     return 0
-
-
-def _read_labels(path: str, flag: str):
-    """One label per line of a text file (or a .npy array): ``--strata``."""
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{flag}: no file at {p}")
-    if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False)
-    return np.array([line.strip() for line in p.read_text().splitlines() if line.strip()])
 
 
 def _predict(args) -> int:
@@ -412,9 +395,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rows", type=_positive_int, default=2000, help="calibration rows drawn from DATA (default 2000)")
     p.add_argument("--map-size", type=_positive_int, nargs=2, default=[180, 360], metavar=("NLAT", "NLON"),
                    help="the probability maps' grid that regions are calibrated on (default 180 360, geolocate's)")
-    p.add_argument("--strata", metavar="FILE",
-                   help="the kind of each row of DATA (e.g. seen / unseen), one label per line or a .npy: the "
-                        "regions may then be normalised by a learnt difficulty above a level chosen to hold each kind")
     _add_inference_flags(p)
     p.set_defaults(func=_calibrate)
 

@@ -77,10 +77,9 @@ class Geolocation:
             return False
         return True
 
-    def _assign(self) -> Tuple[List[int], Optional[List[float]]]:
-        """Its calibration group and (for a normalised calibration) its difficulty, each as a list of one."""
-        g, d = self.calibration.assign({k: [v] for k, v in self.signals.items()}, 1)
-        return [int(g[0])], None if d is None else [float(d[0])]
+    def _group(self) -> int:
+        cal = self.calibration
+        return int(cal.groups(cal.signal_values({k: [v] for k, v in self.signals.items()}, 1))[0])
 
     def _threshold(self, p: float, calibrated: Optional[bool]) -> Tuple[float, bool]:
         """The region's cut: the calibrated threshold, or p (the raw map's own region); and whether its
@@ -89,7 +88,7 @@ class Geolocation:
         p = check_float(p, "p", 0.0, 1.0, lo_open=True, hi_open=True)
         if self._use_calibration(calibrated):
             self.calibration.check_map_size(m.shape)
-            return (float(self.calibration.region_threshold(p, *self._assign())[0]),
+            return (float(self.calibration.region_threshold(p, [self._group()])[0]),
                     self.calibration.refines_top_cell)
         return p - 2e-12, True
 
@@ -120,7 +119,7 @@ class Geolocation:
         ``p``: "within 180 km, 90%".  Calibrated: needs no map; raw: the radius holding p of the map."""
         p = check_float(p, "p", 0.0, 1.0, lo_open=True, hi_open=True)
         if self._use_calibration(calibrated):
-            return float(self.calibration.radius_km(p, self._assign()[0])[0])
+            return float(self.calibration.radius_km(p, [self._group()])[0])
         m = self._map()
         cells = grid_xyz(*m.shape)
         a = latlon_to_xyz(torch.tensor([self.lat, self.lon], dtype=torch.float64)).numpy()

@@ -142,15 +142,6 @@ def test_cli_calibrate_then_predict_shows_the_radius(trained, tmp_path):
     bad = run_cli("calibrate", tmp_path / "val.npz", "--model", tmp_path / "m", "--rows", 10, "--no-progress",
                   cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "too few" in bad.stderr and "Traceback" not in bad.stderr
-    # the rows' kinds, known on calibration data: judged per kind (here too few rows to learn a difficulty)
-    (tmp_path / "kinds.txt").write_text("".join(f"{'seen' if i % 2 else 'unseen'}\n" for i in range(200)))
-    out = run_cli("calibrate", tmp_path / "val.npz", "--model", tmp_path / "m", "--map-size", 24, 48, "--rows", 150,
-                  "--no-progress", "--strata", tmp_path / "kinds.txt", cwd=tmp_path)
-    assert "normalised regions: the normalised regions need the learnt score" in out.stdout
-    (tmp_path / "kinds.txt").write_text("seen\nunseen\n")
-    bad = run_cli("calibrate", tmp_path / "val.npz", "--model", tmp_path / "m", "--strata", tmp_path / "kinds.txt",
-                  "--no-progress", cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "strata must hold one label per row of the data (200)" in bad.stderr
 
 
 def test_the_knn_density_is_run_as_a_model_is():

@@ -286,7 +286,6 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     baselines = fit_baselines(emb[tr], coords[tr], cfg.baseline_steps, cfg.seed)
     baselines["knn_density"] = KNNDensity(emb[tr], coords[tr], L=cfg.L, **knn_choice)
     val_all = np.concatenate(list(val.values()))
-    strata = np.repeat(list(val), [len(x) for x in val.values()])  # held-out tile or seen place: judges the regions
     anchored, choice = None, None
     if locdiff.gallery is not None:  # LocDiff-R: its prior weight and hybrid radius, chosen on validation too
         tuned = tune_inference(locdiff, emb[val_all], coords[val_all], seed=cfg.seed,
@@ -319,9 +318,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
                                                         cfg.seed, paired=True, modes=modes, variants=variants)
         examples[split] = idx
     # How far to trust an answer (issue 25): conformal credible regions and radii, fitted on the validation
-    # crops (never the test crops) per group of a signal known at query time (above a level chosen on the
-    # validation splits, normalised by a learnt difficulty), for LocDiff and for the kNN density alike;
-    # coverage with binomial intervals per test split, raw and calibrated, and a reliability plot.
+    # crops (never the test crops) per group of a signal known at query time, for LocDiff and for the kNN
+    # density alike; coverage with binomial intervals per test split, raw and calibrated, and a reliability plot.
     locdiff_name = anchored or names_of(results)[0]
     knn_name = next(n for n in names_of(results) if n.startswith("kNN density"))
     runs = {locdiff_name: lambda e: _locdiff_run(locdiff, e, cfg.seed),
@@ -330,7 +328,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, out: Optional[os.PathLike] = None
     for method, run in runs.items():
         v = run(emb[val_all])
         fitted[method] = fit_conformal(v["maps"], coords[val_all].numpy(), v["answers"], v["signals"], v["settings"],
-                                       seed=cfg.seed, strata=strata)
+                                       seed=cfg.seed)
         log(f"      {method.split(' (')[0]}: {fitted[method][0].describe()}, fitted on the validation crops")
     locdiff.calibration = fitted[locdiff_name][0]  # the saved model's regions and radii are these
     for split, short in [("test_region", "unseen"), ("test_random", "seen")]:

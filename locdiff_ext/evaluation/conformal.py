@@ -30,17 +30,14 @@ from ..checks import check_float, check_int
 from ..kernels.geometry import great_circle_km, grid_points, latlon_to_xyz
 from .calibration import _as_arrays, _check_level, _densities, cell_of
 
-VERSION = 4  # 2: the learnt 'localizability' signal (score_model); 3: the densest cell refined (``_scan``);
-# 4: regions above a level p* normalised by the learnt difficulty (``normalised``)
-SUPPORTED = (1, 2, 3, 4)  # older files still load, and keep the scores they were fitted with
+VERSION = 3  # 2: the learnt 'localizability' signal (score_model); 3: the densest cell refined (``_scan``)
+SUPPORTED = (1, 2, 3)  # older files still load, and keep the scores they were fitted with
 SIGNALS = ("none", "mode_score", "top_similarity", "localizability")  # what a group is chosen by
 FEATURES = ("mode_score", "top_similarity", "similarity_gap", "neighbour_agreement", "neighbour_spread")
 LEARN_SHARE = 1 / 3  # of the calibration items, those that fit the localizability score (then not used for cuts)
 SETTINGS = ("prior_weight", "hybrid", "num_samples", "steps", "guidance_scale", "aggregate", "map_sharpness")
 _EPS = 1e-12  # scores and cell masses are sums of float64 probabilities: equal up to this
 FLOOR = 1e-6  # the floor's share of a map's peak density: orders the cells of zero density by distance
-DIFFICULTY_FLOOR = 1e-3  # the least difficulty (predicted region score) a normalised score divides by
-MIX_LEVELS = (0.5, 0.6, 0.7, 0.8)  # the candidate levels p* above which regions are normalised (``fit_conformal``)
 
 
 def conformal_rank(n: int, p: float) -> int:
@@ -275,12 +272,6 @@ def localizability(score_model: Mapping[str, Any], signals: Mapping[str, Any], n
     return z @ np.asarray(score_model["weights"]) + score_model["bias"]
 
 
-def difficulty(score_model: Mapping[str, Any], signals: Mapping[str, Any], n: int) -> np.ndarray:
-    """The predicted region score [n] of predictions with ``signals`` (minus their localizability), floored at
-    DIFFICULTY_FLOOR: what a normalised region score is divided by."""
-    return np.maximum(-localizability(score_model, signals, n), DIFFICULTY_FLOOR)
-
-
 def fit_localizability(features: Mapping[str, np.ndarray], region_s: np.ndarray, l2: float = 1e-2) -> Dict[str, Any]:
     """A linear score of the query-time ``features`` {name: [n]} that predicts how little of the map lies
     denser than the truth (minus a ridge regression of the region scores [n]: higher = more localizable).
@@ -309,14 +300,7 @@ class ConformalCalibration:
     """A model's fitted regions and radii: per group of the query-time ``signal`` (group g holds the
     inputs whose signal lies in [edges[g - 1], edges[g])), the sorted calibration scores of the regions
     (``region_scores``) and of the radius (``radius_scores``); the map size the scores were measured on
-    and the inference settings they hold for.  Saved with the model as calibration.json.
-
-    ``normalised`` (version 4, with the learnt score only): {p_star, ratios}.  Regions up to level p_star
-    are cut per group; above it, at the larger of the group's p_star cut (so that regions stay nested) and
-    the p-quantile of the ``ratios`` (region score over ``difficulty``, sorted) times the input's own
-    difficulty, as in adaptive geodesic conformal prediction (arXiv 2602.16015).  Why: a few groups are
-    too coarse at high levels where seen and unseen places mix in a group (BENCHMARKS 6); a score scaled by
-    each input's predicted difficulty follows it continuously."""
+    and the inference settings they hold for.  Saved with the model as calibration.json."""
 
     signal: str
     edges: Tuple[float, ...]
@@ -326,7 +310,6 @@ class ConformalCalibration:
     settings: Dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
     score_model: Optional[Dict[str, Any]] = None  # for signal 'localizability': a linear score of FEATURES
-    normalised: Optional[Dict[str, Any]] = None  # {p_star, ratios}: above p_star, the normalised cut
 
     def __post_init__(self):
         if self.signal not in SIGNALS:
@@ -350,26 +333,10 @@ class ConformalCalibration:
             raise TypeError("calibration settings must be a dict")
         if self.version not in SUPPORTED:
             raise ValueError(f"calibration version {self.version!r} is not supported (this package reads {SUPPORTED})")
-        if (self.signal == "localizability" or self.normalised is not None) != (self.score_model is not None):
-            raise ValueError("calibration: signal 'localizability' and normalised regions need the score_model, and "
-                             "only they have one")
+        if (self.signal == "localizability") != (self.score_model is not None):
+            raise ValueError("calibration: signal 'localizability' needs its score_model, and only it has one")
         if self.score_model is not None:
             self.score_model = _check_score_model(self.score_model)
-        if self.normalised is not None:
-            self.normalised = self._check_normalised(self.normalised)
-
-    def _check_normalised(self, m: Any) -> Dict[str, Any]:
-        if self.version < 4:
-            raise ValueError("calibration normalised: needs version 4")
-        if not isinstance(m, dict) or set(m) != {"p_star", "ratios"}:
-            raise ValueError("calibration normalised must be {p_star, ratios}")
-        p_star = check_float(m["p_star"], "calibration normalised p_star", 0.0, 1.0, lo_open=True, hi_open=True)
-        if not isinstance(m["ratios"], (list, tuple)):
-            raise TypeError("calibration normalised ratios must be a list")
-        ratios = _sorted_tuple(m["ratios"])
-        if not ratios or not np.isfinite(ratios).all() or ratios[0] < 0:
-            raise ValueError("calibration normalised ratios must be non-empty, finite and non-negative")
-        return {"p_star": p_star, "ratios": ratios}
 
     # -- query time
     @property
@@ -390,12 +357,6 @@ class ConformalCalibration:
             return _signal(signals, self.signal, n)
         return localizability(self.score_model, signals, n)
 
-    def assign(self, signals: Mapping[str, Any], n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """The group [n] and (for a normalised calibration, else None) the difficulty [n] of ``n`` predictions
-        with ``signals``: what ``region_threshold`` needs to cut their regions."""
-        g = self.groups(self.signal_values(signals, n))
-        return g, None if self.normalised is None else difficulty(self.score_model, signals, n)
-
     def groups(self, signal_values) -> np.ndarray:
         """The group [N] of inputs whose signal is ``signal_values`` [N] (ignored for signal 'none')."""
         v = np.asarray(signal_values, dtype=np.float64).ravel()
@@ -414,21 +375,9 @@ class ConformalCalibration:
                       if (g == i).any() else np.nan for i, s in enumerate(lists)])
         return q[g]
 
-    def region_threshold(self, p: float, groups, difficulty=None) -> np.ndarray:
-        """Per input, the probability above which denser cells stop joining its p region [N]; a normalised
-        calibration needs the inputs' ``difficulty`` [N] (``assign``) above its p_star."""
-        p = _check_level(p)
-        if self.normalised is None or p <= self.normalised["p_star"]:
-            return self._per_group(self.region, p, groups, "region")
-        if difficulty is None:
-            raise ValueError(f"difficulty: this calibration normalises its regions above p = "
-                             f"{self.normalised['p_star']:g} and needs each input's difficulty (assign(signals, n))")
-        d = np.asarray(difficulty, dtype=np.float64).ravel()
-        floor = self._per_group(self.region, self.normalised["p_star"], groups, "region")
-        if d.shape != floor.shape or not (np.isfinite(d).all() and (d > 0).all()):
-            raise ValueError(f"difficulty must hold {floor.size} finite positive values")
-        q = conformal_quantile(self.normalised["ratios"], p, "normalised region calibration")
-        return np.maximum(floor, q * d)
+    def region_threshold(self, p: float, groups) -> np.ndarray:
+        """Per input, the probability above which denser cells stop joining its p region [N]."""
+        return self._per_group(self.region, p, groups, "region")
 
     def radius_km(self, p: float, groups) -> np.ndarray:
         """Per input, the geodesic radius around the answer that holds the truth with probability p [N]."""
@@ -452,22 +401,17 @@ class ConformalCalibration:
              "map_size": list(self.map_size), "settings": dict(self.settings), "score_model": self.score_model}
         if self.version == 1:  # saved as it was read: version 1 had no score_model
             del d["score_model"]
-        if self.version >= 4:
-            d["normalised"] = None if self.normalised is None else {"p_star": self.normalised["p_star"],
-                                                                    "ratios": list(self.normalised["ratios"])}
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "ConformalCalibration":
         if not isinstance(d, dict):
             raise TypeError(f"calibration: expected a JSON object, got {type(d).__name__}")
-        if d.get("version") not in SUPPORTED:
+        if d.get("version") not in SUPPORTED:  # first: a newer file says so, not which keys it has
             raise ValueError(f"calibration version {d.get('version')!r} is not supported (this package reads {SUPPORTED})")
         known = {"version", "signal", "edges", "region", "radius", "map_size", "settings"}
         if d["version"] != 1:
             known.add("score_model")
-        if d["version"] >= 4:
-            known.add("normalised")
         if set(d) != known:
             raise ValueError(f"calibration: expected keys {sorted(known)}, got {sorted(d)}")
         for key in ("edges", "region", "radius", "map_size"):
@@ -475,14 +419,11 @@ class ConformalCalibration:
                 raise TypeError(f"calibration {key} must be a list")
         return cls(d["signal"], tuple(d["edges"]), tuple(tuple(s) for s in d["region"]),
                    tuple(tuple(s) for s in d["radius"]), tuple(d["map_size"]), dict(d["settings"]), d["version"],
-                   d.get("score_model"), d.get("normalised"))
+                   d.get("score_model"))
 
     def describe(self) -> str:
         g = "one group" if len(self.sizes) == 1 else f"{len(self.sizes)} groups by {self.signal}"
-        out = f"conformal, {sum(self.sizes)} calibration items in {g} ({', '.join(map(str, self.sizes))})"
-        if self.normalised is not None:
-            out += f"; above p = {self.normalised['p_star']:g} normalised by the learnt difficulty"
-        return out
+        return f"conformal, {sum(self.sizes)} calibration items in {g} ({', '.join(map(str, self.sizes))})"
 
 
 # ---------------------------------------------------------------------- fitting
@@ -507,54 +448,9 @@ def _fit_groups(signal: str, values, region_s, radius_s, idx, groups: int, map_s
                                 map_size, dict(settings), VERSION, score_model if signal == "localizability" else None)
 
 
-def _strata(strata, n: int) -> np.ndarray:
-    """Labels [n] of the calibration items' kinds as integers 0..K-1 (K >= 2)."""
-    s = np.asarray(strata)
-    if s.shape != (n,):
-        raise ValueError(f"strata must hold one label per calibration item ({n}), got shape {s.shape}")
-    if s.dtype.kind == "f" and not np.isfinite(s).all():
-        raise ValueError("strata contain NaN or infinite labels")
-    kinds, idx = np.unique(s, return_inverse=True)
-    if kinds.size < 2:
-        raise ValueError("strata: every calibration item has the same label; give at least two kinds")
-    return idx.reshape(-1)
-
-
-def _choose_p_star(cal: ConformalCalibration, values, region_s, d, rest, kinds, levels, mix_levels, rng):
-    """Two-fold cross-fitting on the ``rest`` items (those not used to learn the score), grouped by the
-    calibration's signal (``values`` [N]): per candidate p* (None: groups at every level), the mean over
-    strata and ``levels`` of |coverage - level|.  Returns the best p* (ties to None) and every candidate's
-    error."""
-    perm = rng.permutation(rest)
-    halves = (np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:]))
-    hits = {c: np.zeros((len(region_s), len(levels)), dtype=bool) for c in (None, *mix_levels)}
-    for a, b in (halves, halves[::-1]):
-        # the region cuts only (the radius lists are a placeholder: not judged here)
-        half = _fit_groups(cal.signal, values, region_s, region_s, a, len(cal.sizes), cal.map_size, cal.settings,
-                           cal.score_model)
-        g = half.groups(values[b])
-        ratios = _sorted_tuple(region_s[a] / d[a])
-        half.score_model = cal.score_model  # the difficulty's, whatever the groups are by
-        for c in list(hits):
-            half.normalised = None if c is None else {"p_star": c, "ratios": ratios}
-            try:
-                cut = np.stack([half.region_threshold(p, g, d[b]) for p in levels], axis=1)
-            except ValueError:  # a group too small for a level: this candidate cannot be judged
-                hits.pop(c)
-                continue
-            hits[c][b] = region_s[b, None] <= cut + _EPS
-    if not hits:
-        return None, {}
-    errors = {c: float(np.mean([abs(h[rest][kinds[rest] == k, i].mean() - p) for k in np.unique(kinds[rest])
-                                for i, p in enumerate(levels)])) for c, h in hits.items()}
-    best = min(errors, key=lambda c: (errors[c] * (1 - 1e-9 if c is None else 1.0), -1 if c is None else c))
-    return best, errors
-
-
 def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any]] = None,
                   settings: Optional[Mapping[str, Any]] = None, min_group: int = 100, max_groups: int = 4,
-                  seed: int = 0, learn: bool = True, strata=None, levels: Sequence[float] = (0.5, 0.9),
-                  mix_levels: Sequence[float] = MIX_LEVELS) -> Tuple[ConformalCalibration, Dict[str, Any]]:
+                  seed: int = 0, learn: bool = True) -> Tuple[ConformalCalibration, Dict[str, Any]]:
     """Fits the regions and radius on calibration items (never the test items): maps [N, nlat, nlon],
     truths [N, 2], answers [N, 2], ``signals`` {name in FEATURES: values [N]} known at query time (a
     ``Prediction``'s).
@@ -566,25 +462,13 @@ def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any
     would not be exchangeable with a new input's.  The signal is chosen by two-fold cross-fitting on the other items (fit on one half,
     measure the other): the one whose 90% regions are smallest (geometric mean area), ties to 'none'
     (coverage holds by construction for every choice, so the choice is about size).  The chosen signal's
-    cuts are fitted on all items (the localizability's: on all but its learning third).
-
-    ``strata`` [N]: labels of the items' kinds (seen / unseen places), known on calibration data, never at
-    query time.  With them and the learnt score (fitted as above, whichever signal groups), the calibration
-    may normalise its regions above a level p* of ``mix_levels`` (``ConformalCalibration.normalised``; the
-    ratios of the items that did not learn the score): chosen by two-fold cross-fitting as the p* (or none)
-    whose coverage is nearest each level of ``levels`` within each stratum (the mean absolute error; ties
-    to the groups alone).  Returns (calibration, report)."""
+    cuts are fitted on all items (the localizability's: on all but its learning third).  Returns
+    (calibration, report)."""
     maps, truths = _as_arrays(prob_maps, truths)
     check_int(min_group, "min_group", 1)
     check_int(max_groups, "max_groups", 1, 64)
     N = maps.shape[0]
     answers = _answers(answers, N)
-    if strata is not None:  # checked before the work
-        kinds = _strata(strata, N)
-        levels = [check_float(p, "levels[i]", 0.0, 1.0, lo_open=True, hi_open=True) for p in levels]
-        mix_levels = [check_float(p, "mix_levels[i]", 0.0, 1.0, lo_open=True, hi_open=True) for p in mix_levels]
-        if not levels:
-            raise ValueError("levels: give at least one level to judge the strata's coverage at")
     region_s = region_scores(maps, truths, answers)
     radius_s = radius_scores(answers, truths)
     feats = {}
@@ -635,18 +519,6 @@ def fit_conformal(prob_maps, truths, answers, signals: Optional[Mapping[str, Any
     groups = max(1, min(max_groups, len(idx) // min_group)) if chosen != "none" else 1
     cal = _fit_groups(chosen, cands[chosen], region_s, radius_s, idx, groups, maps.shape[1:], settings, score_model)
     report.update(chosen=chosen, sizes=cal.sizes)
-    if strata is not None:
-        if score_model is None:
-            report["strata"] = {"p_star": None, "why": "the normalised regions need the learnt score (neighbour "
-                                                       "signals, learn=True and at least 300 items)"}
-        else:
-            d = difficulty(score_model, feats, N)
-            p_star, errors = _choose_p_star(cal, cands[chosen], region_s, d, rest, kinds, levels, mix_levels, rng)
-            report["strata"] = {"p_star": p_star, "errors": {"groups" if c is None else f"p* = {c:g}": e
-                                                              for c, e in errors.items()}}
-            if p_star is not None:
-                cal.score_model = score_model
-                cal.normalised = {"p_star": p_star, "ratios": _sorted_tuple(region_s[rest] / d[rest])}
     return cal, report
 
 
@@ -687,11 +559,10 @@ def conformal_coverage(cal: Optional[ConformalCalibration], prob_maps, truths, a
         cuts = np.tile(np.array(levels) - 2 * _EPS, (N, 1))
     else:
         cal.check_map_size(maps.shape[1:])
-        if isinstance(signal_values, Mapping):  # a prediction's signals: the calibration's group and difficulty
-            g, d = cal.assign(signal_values, N)
-        else:
-            g, d = cal.groups(np.zeros(N) if signal_values is None else signal_values), None
-        cuts = np.stack([cal.region_threshold(p, g, d) for p in levels], axis=1)
+        if isinstance(signal_values, Mapping):  # a prediction's signals: the calibration's own signal of them
+            signal_values = cal.signal_values(signal_values, N)
+        g = cal.groups(np.zeros(N) if signal_values is None else signal_values)
+        cuts = np.stack([cal.region_threshold(p, g) for p in levels], axis=1)
     scores, areas = _scan(maps, answers, truths, cuts, refine=cal is None or cal.refines_top_cell)
     out = {}
     for a, p in enumerate(levels):
@@ -732,6 +603,6 @@ def coverage_table(rows: Mapping[str, Mapping[float, Mapping[str, float]]], leve
     return "\n".join(out)
 
 
-__all__ = ["ConformalCalibration", "fit_conformal", "fit_localizability", "localizability", "difficulty", "FEATURES", "conformal_quantile", "conformal_rank", "needed_items",
+__all__ = ["ConformalCalibration", "fit_conformal", "fit_localizability", "localizability", "FEATURES", "conformal_quantile", "conformal_rank", "needed_items",
            "region_scores", "region_masks", "region_areas_km2", "radius_scores", "wilson_interval",
            "conformal_coverage", "coverage_table", "SIGNALS", "SETTINGS"]
